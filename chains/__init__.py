@@ -1,0 +1,1 @@
+"""Ready-made LangChain chains over MOSS (installed as ``moss_agent.chains``)."""

@@ -1,0 +1,4 @@
+"""Test doubles and tiny models for moss-agent users' tests and ours.
+
+Nothing here downloads anything: every model is built locally, seeded, in the real MOSS checkpoint layout.
+"""

@@ -1,0 +1,1 @@
+"""The four MOSS plugins as LangChain tools (installed as ``moss_agent.tools``)."""
