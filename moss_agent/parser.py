@@ -1,0 +1,560 @@
+"""Generated or recorded MOSS text back into segments and commands; tolerant and streaming-safe.
+
+Pure string work (never imports torch). Three readers:
+
+* :func:`parse_conversation` reads a whole trained conversation back into a
+  :class:`~moss_agent.format.MossConversation`, byte for byte (``parse_conversation(t).to_text() == t``).
+* :func:`parse_pass1` and :func:`parse_reply` read what the model generated after a pass-1 prompt (ending in
+  ``<|Inner Thoughts|>:``) or a reply prompt (ending in ``<|MOSS|>:``). They never raise: wrong or missing end
+  tokens are repaired as the production backend did (any ``<eo?>`` closes a segment), invented role tags
+  (``<|Machine|>:``) cut the text, and what went wrong is listed in ``repairs``.
+* :class:`StreamParser` does the same incrementally and never emits part of an end token or role tag.
+
+:func:`parse_commands` reads a commands segment; a malformed command becomes an :class:`InvalidCommand` whose
+``error`` is written for the model to read and retry.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+from moss_agent import format as fmt
+from moss_agent.format import Command, MossConversation, MossTurn
+
+__all__ = [
+    "InvalidCommand",
+    "Pass1",
+    "Reply",
+    "StreamEvent",
+    "StreamParser",
+    "parse_commands",
+    "parse_conversation",
+    "parse_pass1",
+    "parse_reply",
+]
+
+# ---------------------------------------------------------------- whole conversations
+
+_KNOWN_TAG = re.compile(r"<\|(Human|Inner Thoughts|Commands|Results|MOSS)\|>:")
+_ANY_END = re.compile("|".join(re.escape(t) for t in fmt.END_TOKENS))
+
+
+def parse_conversation(text: str) -> MossConversation:
+    """Read a whole MOSS conversation (system text, then turns of segments).
+
+    Each segment is read up to its own end token followed by a newline and the next role tag (or the end),
+    so that a reply may contain another end token, as one sample of the data does. Hand-written text is
+    tolerated: a missing end token ends the segment at the next role tag, and missing segments (e.g. turns of
+    only ``<|Human|>`` and ``<|MOSS|>``) get their ``None`` forms.
+
+    Args:
+        text: The conversation text; everything before the first ``<|Human|>:`` is the system text.
+
+    Returns:
+        The conversation; ``to_text()`` gives ``text`` back for any well-formed conversation.
+    """
+    first = text.find(fmt.HUMAN + ":")
+    if first < 0:
+        return MossConversation(system=text, turns=[])
+    conv = MossConversation(system=text[:first], turns=[])
+    none_results = "\nNone\n" if conv.plugins_on else " None"
+    current: dict[str, str] | None = None
+    for role, content in _segments(text, first):
+        if role == fmt.HUMAN or current is None:
+            if current is not None:
+                conv.turns.append(_turn(current, none_results))
+            current = {}
+        # A repeated segment in one turn (hand-written text) is joined rather than lost.
+        current[role] = current[role] + "\n" + content if role in current else content
+    if current is not None:
+        conv.turns.append(_turn(current, none_results))
+    return conv
+
+
+def _segments(text: str, pos: int) -> Iterator[tuple[str, str]]:
+    while pos < len(text):
+        tag = _KNOWN_TAG.search(text, pos)
+        if tag is None:
+            return
+        role = f"<|{tag.group(1)}|>"
+        start = tag.end()
+        if role != fmt.RESULTS and text.startswith(" ", start):
+            start += 1
+        end, pos = _segment_end(text, start, fmt.SEGMENT_END[role])
+        yield role, text[start:end]
+
+
+def _segment_end(text: str, start: int, end_token: str) -> tuple[int, int]:
+    """Where a segment's content ends, and where the next segment starts."""
+    at = text.find(end_token, start)
+    while at >= 0:
+        after = at + len(end_token)
+        if text.startswith("\n", after):
+            after += 1
+        if after == len(text) or _KNOWN_TAG.match(text, after):
+            return at, after
+        at = text.find(end_token, at + 1)
+    # No proper end: the content runs to the next role tag, less a trailing end token and whitespace.
+    tag = _KNOWN_TAG.search(text, start)
+    stop = tag.start() if tag else len(text)
+    content = text[start:stop].rstrip()
+    for token in fmt.END_TOKENS:
+        content = content.removesuffix(token)
+    return start + len(content), stop
+
+
+def _turn(parts: dict[str, str], none_results: str) -> MossTurn:
+    return MossTurn(
+        human=parts.get(fmt.HUMAN, ""),
+        reply=parts.get(fmt.MOSS, ""),
+        inner_thoughts=parts.get(fmt.THOUGHTS, fmt.NONE),
+        commands=parts.get(fmt.COMMANDS, fmt.NONE),
+        results=parts.get(fmt.RESULTS, none_results),
+    )
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclass(frozen=True)
+class InvalidCommand:
+    """A piece of a commands segment that is not a well-formed command.
+
+    Attributes:
+        text: The offending text, as written.
+        error: What is wrong and how to write it, addressed to the model.
+    """
+
+    text: str
+    error: str
+
+
+_CALL_HEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)[ \t]*\(")
+_SEPARATORS = re.compile(r"(?:[\s,;]+|#[^\n]*|(?<![^\s,;])(?:\d{1,2}[.)、]|[-*•])(?=\s))+")
+_NONE_WORD = re.compile(r"[Nn]one\b\.?")
+_NEXT_ITEM = re.compile(
+    r"[,;\n][\s,;]*(?:(?:\d{1,2}[.)、]|[-*•])\s+)?(?=[A-Za-z_][A-Za-z0-9_.]*[ \t]*\(|None\b)"
+)
+_QUOTES = {'"': '"', "'": "'", "“": "”"}
+_FORM = 'write each command as Name("argument"), separated by ", "'
+
+
+def parse_commands(text: str) -> tuple[list[Command], list[InvalidCommand]]:
+    """Read the content of a commands segment.
+
+    Accepts what MOSS writes and what the sample data holds: ``Name("arg")`` items separated by commas,
+    semicolons or newlines, numbered lists with ``# comments``, trailing commas, ``None`` (also ``None.``,
+    ``None (...)`` or ``None`` followed by free text), escaped quotes and any text inside the quotes.
+    Unknown command names are still commands (the caller checks them against the plugin table).
+
+    Args:
+        text: The segment content, e.g. ``Search("a"), Calculate("1+1")``.
+
+    Returns:
+        The well-formed commands in order, and the malformed pieces. Never raises.
+    """
+    body = text.strip()
+    if _NONE_WORD.match(body):
+        return [], []  # "None", "None.", "None (...)" or "None" and free text: no command
+    commands: list[Command] = []
+    invalid: list[InvalidCommand] = []
+    pos = 0
+    while True:
+        skip = _SEPARATORS.match(body, pos)
+        pos = skip.end() if skip else pos
+        if pos >= len(body):
+            return commands, invalid
+        none = _NONE_WORD.match(body, pos)
+        if none:
+            pos = none.end()
+            continue
+        head = _CALL_HEAD.match(body, pos)
+        if head is None:
+            end = _next_item(body, pos)
+            invalid.append(InvalidCommand(body[pos:end].strip(" \t\n,;"), f"not a command: {_FORM}"))
+            pos = end
+            continue
+        pos = _read_call(body, pos, head, commands, invalid)
+
+
+def _next_item(body: str, pos: int) -> int:
+    found = _NEXT_ITEM.search(body, pos + 1)
+    return found.start() if found else len(body)
+
+
+def _read_call(
+    body: str, pos: int, head: re.Match[str], commands: list[Command], bad: list[InvalidCommand]
+) -> int:
+    """Read one ``Name(...)`` at ``pos`` into ``commands`` or ``bad``; return where to go on."""
+    name, at = head.group(1), _skip_blanks(body, head.end())
+    if at < len(body) and body[at] in _QUOTES:
+        arg, at, error = _read_string(body, at)
+        at = _skip_blanks(body, at)
+        extras: list[str] = []
+        while error is None and body.startswith(",", at) and _skip_blanks(body, at + 1) < len(body):
+            nxt = _skip_blanks(body, at + 1)
+            if body[nxt] not in _QUOTES:
+                break
+            _, after, error = _read_string(body, nxt)
+            extras.append(body[nxt:after])
+            at = _skip_blanks(body, after)
+        if error is None and body.startswith(")", at):
+            commands.append(Command(name, arg))
+            if extras:
+                bad.append(InvalidCommand(", ".join(extras), f"{name} takes one argument; extra ignored"))
+            return at + 1
+        error = error or f"expected ')' after the argument of {name}; escape quotes inside it as \\\""
+    else:
+        close = _matching_paren(body, head.end())
+        if close is not None and body[head.end() : close].strip():
+            # Unquoted argument, e.g. Calculate(2+3): read up to the matching parenthesis.
+            commands.append(Command(name, body[head.end() : close].strip()))
+            return close + 1
+        error = f'{name} needs one quoted argument: {name}("...")'
+    end = _next_item(body, pos)
+    bad.append(InvalidCommand(body[pos:end].strip(" \t\n,;"), error))
+    return end
+
+
+def _skip_blanks(body: str, at: int) -> int:
+    while at < len(body) and body[at] in " \t":
+        at += 1
+    return at
+
+
+def _read_string(body: str, at: int) -> tuple[str, int, str | None]:
+    """Read a quoted string at ``at``: (value, index after the closing quote, error or None)."""
+    close = _QUOTES[body[at]]
+    out: list[str] = []
+    i = at + 1
+    while i < len(body):
+        ch = body[i]
+        if ch == "\\" and i + 1 < len(body) and body[i + 1] in (close, "\\"):
+            out.append(body[i + 1])
+            i += 2
+            continue
+        if ch == close:
+            return "".join(out), i + 1, None
+        out.append(ch)
+        i += 1
+    return "".join(out), len(body), "unclosed quote: close the argument with a quote and a ')'"
+
+
+def _matching_paren(body: str, start: int) -> int | None:
+    depth = 1
+    for i in range(start, len(body)):
+        if body[i] == "(":
+            depth += 1
+        elif body[i] == ")":
+            depth -= 1
+            if depth == 0:
+                return i
+        elif body[i] == "\n":
+            return None
+    return None
+
+
+# ---------------------------------------------------------------- generated text: the shared scanner
+
+Mode = Literal["pass1", "reply"]
+Section = Literal["thoughts", "commands", "reply"]
+
+_END = r"<eo[a-z]>|<\|endoftext\|>"
+_TAG = r"<\|([A-Za-z][A-Za-z ]{0,30})\|>:"
+_TERMINATOR = re.compile(f"{_END}|{_TAG}")
+_ROLE_TAG = re.compile(_TAG)
+# A suffix that may still grow into a terminator: "<", "<eo", "<|MOS", "<|MOSS|>" ...
+_PARTIAL = re.compile(r"<(?:e(?:o[a-z]?)?|\|(?:[A-Za-z][A-Za-z ]{0,30}(?:\|>?)?)?)?\Z")
+_OWN_TAG = {"thoughts": "Inner Thoughts", "commands": "Commands", "reply": "MOSS"}
+_OWN_END = {"thoughts": fmt.EOT, "commands": fmt.EOC, "reply": fmt.EOM}
+
+
+@dataclass
+class _Part:
+    role: Section
+    content: str
+    closed: bool
+
+
+@dataclass
+class _Scan:
+    parts: list[_Part] = field(default_factory=list)
+    settled: bool = False  # nothing after the last part can be content any more
+    repairs: list[str] = field(default_factory=list)
+
+    def get(self, role: Section) -> _Part | None:
+        return next((p for p in self.parts if p.role == role), None)
+
+
+def _held_back(text: str) -> int:
+    """Where a trailing partial terminator starts (``len(text)`` when there is none)."""
+    at = text.rfind("<")
+    return at if at >= 0 and _PARTIAL.match(text, at) else len(text)
+
+
+def _scan(text: str, mode: Mode, final: bool) -> _Scan:
+    """Split generated text into sections; with ``final=False`` hold back what more text could change."""
+    scan = _Scan()
+    role: Section | None = "reply" if mode == "reply" else "thoughts"
+    pos, restarted = 0, False
+    while role is not None:
+        term = _TERMINATOR.search(text, pos)
+        if term is None:
+            content = text[pos:] if final else text[pos : _held_back(text)]
+            scan.parts.append(_Part(role, content, closed=False))
+            scan.settled = final
+            return scan
+        tag = term.group(1)
+        if tag == _OWN_TAG[role] and not restarted and not text[pos : term.start()].strip():
+            pos, restarted = term.end(), True  # the model repeated the tag the prompt ended with
+            continue
+        scan.parts.append(_Part(role, text[pos : term.start()], closed=True))
+        role, pos = _next_section(text, term, role, mode, final, scan)
+    return scan
+
+
+def _next_section(
+    text: str, term: re.Match[str], role: Section, mode: Mode, final: bool, scan: _Scan
+) -> tuple[Section | None, int]:
+    tag, pos = term.group(1), term.end()
+    if tag is None:
+        if term.group(0) != _OWN_END[role]:
+            scan.repairs.append(f"{role} ended with {term.group(0)} instead of {_OWN_END[role]}")
+        pos = len(text) - len(text[pos:].lstrip())
+        found = _ROLE_TAG.match(text, pos)
+        if found is None:
+            if pos == len(text) or (not final and _PARTIAL.match(text, pos)):
+                scan.settled = final or role == "reply"  # only a reply can close the text for good
+                return None, pos
+            if role == "thoughts":
+                scan.repairs.append("commands written without the <|Commands|> tag")
+                return "commands", pos
+            scan.repairs.append(f"text after the {role} ignored")
+            scan.settled = True
+            return None, pos
+        tag, pos = found.group(1), found.end()
+    else:
+        scan.repairs.append(f"{role} not closed by {_OWN_END[role]}")
+    if role == "thoughts" and tag == "Commands":
+        return "commands", pos
+    if mode == "pass1" and role != "reply" and tag == "MOSS":
+        scan.repairs.append("went straight to the reply")
+        return "reply", pos
+    scan.repairs.append(f"cut at <|{tag}|>:")
+    scan.settled = True
+    return None, pos
+
+
+# ---------------------------------------------------------------- generated text: results
+
+
+@dataclass(frozen=True)
+class Pass1:
+    r"""What the model generated in plugin pass 1, repaired.
+
+    Attributes:
+        inner_thoughts: The inner thoughts, stripped; ``"None"`` when there are none.
+        commands_text: The commands segment content to record, in canonical form: the well-formed commands
+            joined by ``", "``, or ``"None"``.
+        raw_commands: The commands segment content as the model wrote it (stripped; ``""`` if absent).
+        commands: The well-formed commands, unknown names included.
+        invalid: The malformed pieces.
+        reply: A reply the model wrote in pass 1 (skipping the results), else None.
+        truncated: The generation hit its length limit.
+        repairs: What was repaired, for logs.
+        repaired: The canonical continuation of the pass-1 prompt:
+            ``" {inner_thoughts}<eot>\n<|Commands|>: {commands_text}<eoc>\n"``.
+    """
+
+    inner_thoughts: str
+    commands_text: str
+    raw_commands: str
+    commands: tuple[Command, ...]
+    invalid: tuple[InvalidCommand, ...]
+    reply: str | None = None
+    truncated: bool = False
+    repairs: tuple[str, ...] = ()
+
+    @property
+    def repaired(self) -> str:
+        r"""The canonical text that continues the pass-1 prompt, up to and including ``<eoc>\n``."""
+        return f" {self.inner_thoughts}{fmt.EOT}\n" + fmt.segment(fmt.COMMANDS, self.commands_text)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A reply (plugin pass 2 or plain chat), repaired.
+
+    Attributes:
+        text: The reply, stripped, without end token or anything after an invented role tag.
+        truncated: The generation hit its length limit.
+        repairs: What was repaired, for logs.
+    """
+
+    text: str
+    truncated: bool = False
+    repairs: tuple[str, ...] = ()
+
+
+def parse_pass1(generated: str, stop_reason: str | None = None) -> Pass1:
+    r"""Read the text generated after a pass-1 prompt (which ends with ``<|Inner Thoughts|>:``).
+
+    Args:
+        generated: The continuation, usually `` thoughts<eot>\n<|Commands|>: Search("q")``, with or
+            without its final ``<eoc>``.
+        stop_reason: Why generation stopped; ``"length"`` marks the result truncated.
+
+    Returns:
+        The repaired pass-1 result. Never raises.
+    """
+    return _pass1_from(_scan(generated, "pass1", final=True), stop_reason)
+
+
+def parse_reply(generated: str, stop_reason: str | None = None) -> Reply:
+    r"""Read a reply generated after a prompt ending with ``<|MOSS|>:``.
+
+    Args:
+        generated: The continuation, e.g. `` Hello!<eom>`` or `` Hello!\n<|Human|>: ...`` (cut there).
+        stop_reason: Why generation stopped; ``"length"`` marks the reply truncated.
+
+    Returns:
+        The repaired reply. Never raises.
+    """
+    return _reply_from(_scan(generated, "reply", final=True), stop_reason)
+
+
+def _pass1_from(scan: _Scan, stop_reason: str | None) -> Pass1:
+    thoughts = scan.get("thoughts")
+    section = scan.get("commands")
+    reply = scan.get("reply")
+    raw = section.content.strip() if section else ""
+    commands, invalid = parse_commands(raw)
+    repairs = list(scan.repairs)
+    if raw and raw != fmt.commands_text(commands):
+        repairs.append("commands rewritten in canonical form")
+    return Pass1(
+        inner_thoughts=(thoughts.content.strip() if thoughts else "") or fmt.NONE,
+        commands_text=fmt.commands_text(commands),
+        raw_commands=raw,
+        commands=tuple(commands),
+        invalid=tuple(invalid),
+        reply=reply.content.strip() if reply else None,
+        truncated=stop_reason == "length",
+        repairs=tuple(repairs),
+    )
+
+
+def _reply_from(scan: _Scan, stop_reason: str | None) -> Reply:
+    part = scan.get("reply")
+    return Reply(part.content.strip() if part else "", stop_reason == "length", tuple(scan.repairs))
+
+
+# ---------------------------------------------------------------- streaming
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One event of :class:`StreamParser`.
+
+    Attributes:
+        kind: ``"thoughts"`` or ``"reply"`` (a piece of text), or ``"commands"`` (the commands segment is
+            complete; emitted once per pass 1, with no commands when the model wrote none).
+        text: The new text; for ``"commands"``, the canonical commands segment content.
+        commands: For ``"commands"``: the well-formed commands.
+        invalid: For ``"commands"``: the malformed pieces.
+    """
+
+    kind: Section
+    text: str = ""
+    commands: tuple[Command, ...] = ()
+    invalid: tuple[InvalidCommand, ...] = ()
+
+
+class StreamParser:
+    """Incremental :func:`parse_pass1` / :func:`parse_reply` over streamed text deltas.
+
+    Text events never contain part of an end token or role tag: a suffix that could still become one is
+    held back until the next delta decides. Whatever the split of the input, the concatenated text events
+    equal the non-streaming result (the thoughts of :func:`parse_pass1` before their ``"None"`` fill-in).
+
+    Example:
+        >>> p = StreamParser("reply")
+        >>> [e.text for e in p.feed(" Hi<e")], [e.text for e in p.feed("om>")], p.done
+        (['Hi'], [], True)
+    """
+
+    def __init__(self, mode: Mode = "reply") -> None:
+        """Start a parser.
+
+        Args:
+            mode: ``"pass1"`` for text after ``<|Inner Thoughts|>:``, ``"reply"`` for text after
+                ``<|MOSS|>:``.
+        """
+        if mode not in ("pass1", "reply"):
+            raise ValueError(f"mode must be 'pass1' or 'reply', not {mode!r}")
+        self.mode: Mode = mode
+        self.text = ""
+        self._sent: dict[Section, str] = {"thoughts": "", "reply": ""}
+        self._commands_sent = False
+        self._done = False
+        self._pass1: Pass1 | None = None
+        self._reply: Reply | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the text so far is complete: more text would be ignored (generation may stop)."""
+        return self._done
+
+    @property
+    def pass1(self) -> Pass1 | None:
+        """The pass-1 result, after :meth:`finish` in ``pass1`` mode."""
+        return self._pass1
+
+    @property
+    def reply(self) -> Reply | None:
+        """The reply, after :meth:`finish` in ``reply`` mode."""
+        return self._reply
+
+    def feed(self, delta: str) -> list[StreamEvent]:
+        """Add generated text; return the events it completes."""
+        self.text += delta
+        return self._events(_scan(self.text, self.mode, final=False), final=False)
+
+    def finish(self, stop_reason: str | None = None) -> list[StreamEvent]:
+        """End the stream: flush held-back text and set :attr:`pass1` or :attr:`reply`."""
+        scan = _scan(self.text, self.mode, final=True)
+        events = self._events(scan, final=True)
+        if self.mode == "pass1":
+            self._pass1 = _pass1_from(scan, stop_reason)
+        else:
+            self._reply = _reply_from(scan, stop_reason)
+        return events
+
+    def _events(self, scan: _Scan, final: bool) -> list[StreamEvent]:
+        events: list[StreamEvent] = []
+        self._done = scan.settled
+        for part in scan.parts:
+            if part.role == "commands":
+                if part.closed or final:
+                    events.extend(self._commands_event(part.content))
+                continue
+            if part.role == "reply":
+                events.extend(self._commands_event(""))  # a reply in pass 1 means no (more) commands
+            stable = part.content.strip()  # open parts come without their held-back suffix
+            sent = self._sent[part.role]
+            if len(stable) > len(sent) and stable.startswith(sent):
+                events.append(StreamEvent(part.role, stable[len(sent) :]))
+                self._sent[part.role] = stable
+        if final:
+            events.extend(self._commands_event(""))
+        return events
+
+    def _commands_event(self, content: str) -> list[StreamEvent]:
+        if self.mode != "pass1" or self._commands_sent:
+            return []
+        self._commands_sent = True
+        commands, invalid = parse_commands(content)
+        return [StreamEvent("commands", fmt.commands_text(commands), tuple(commands), tuple(invalid))]

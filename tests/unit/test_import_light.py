@@ -1,0 +1,20 @@
+"""Importing moss-agent's pure modules must not pull in the heavy libraries."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+HEAVY = ("torch", "transformers", "diffusers", "sympy")
+
+
+@pytest.mark.parametrize(
+    "module",
+    ["moss_agent", "moss_agent.format", "moss_agent.plugins", "moss_agent.parser", "moss_agent.data"],
+)
+def test_import_is_light(module):
+    code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "", f"importing {module} imported {out.stdout.strip()}"
