@@ -1,0 +1,388 @@
+"""Load a MOSS checkpoint on the hardware at hand: plan first, then transformers' built-in CodeGen.
+
+The released MOSS checkpoints (``config.json`` with ``model_type: "moss"``, sharded ``pytorch_model-*.bin``,
+the MOSS tokenizer files) load here without their remote code, which no longer runs on current transformers:
+the config maps onto :class:`~transformers.CodeGenConfig`, the weights load unchanged into
+``CodeGenForCausalLM`` (``.bin`` shards read with ``torch.load(weights_only=True)`` one at a time, safetensors
+too; the non-learned ``attn.causal_mask`` buffers are dropped) and the tokenizer is a fast GPT-2
+byte-level BPE with MOSS's added tokens. Placement, dtype and bitsandbytes quantisation follow a
+:class:`LoadPlan` computed before any weight is read. Standard ``codegen`` and ``gptj`` directories load too.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from moss_agent.format import END_TOKENS
+from moss_agent.hardware import Hardware
+from moss_agent.plan import (
+    REFERENCE_CONTEXT,
+    TURN_TOKENS,
+    InsufficientMemoryError,
+    LoadPlan,
+    ModelSpec,
+    MossCheckpointError,
+    UnsupportedCheckpointError,
+    plan_load,
+)
+
+__all__ = [
+    "InsufficientMemoryError",
+    "LoadPlan",
+    "LoadedMoss",
+    "MossCheckpointError",
+    "UnsupportedCheckpointError",
+    "gptq_bits",
+    "gptq_error",
+    "load_moss",
+    "load_tokenizer",
+    "plan_load",
+    "read_config",
+    "resolve_checkpoint",
+]
+
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+_NOT_CODEGEN_KEYS = frozenset(
+    "model_type auto_map architectures _name_or_path transformers_version torch_dtype wbits groupsize".split()
+)
+_WEIGHTS = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+
+
+@dataclass
+class LoadedMoss:
+    """A loaded model with its tokenizer and the plan it was loaded by.
+
+    Attributes:
+        model: The transformers ``CodeGenForCausalLM`` (or ``GPTJForCausalLM``), in eval mode.
+        tokenizer: The fast tokenizer with MOSS's added tokens.
+        plan: The load plan.
+        end_token_ids: ``<eoh> <eot> <eoc> <eor> <eom>`` -> their single token ids, looked up.
+        path: The local checkpoint directory.
+    """
+
+    model: Any
+    tokenizer: Any
+    plan: LoadPlan
+    end_token_ids: dict[str, int]
+    path: Path
+
+
+# ---------------------------------------------------------------- finding and checking the files
+
+
+def _offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_checkpoint(model: str | os.PathLike[str], *, weights: bool = True) -> Path:
+    """The local directory of ``model``: the directory itself, or a hub snapshot (no remote code files).
+
+    Args:
+        model: A checkpoint directory or a hub id such as ``fnlp/moss-moon-003-sft-plugin``.
+        weights: Also fetch the weight files (False fetches only the JSON and text files).
+
+    Raises:
+        MossCheckpointError: When it is neither a directory nor reachable on the hub; the message says how to
+            get the files.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if not _HUB_ID.fullmatch(name):
+        raise MossCheckpointError(f"{name!r} is not a directory and not a hub id like 'fnlp/moss-moon-003-sft'")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt"] + (["*.bin", "*.safetensors"] if weights else [])
+    offline = _offline()
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline))
+    except Exception as err:  # huggingface_hub raises many kinds for offline / missing / network errors
+        how = f"download it where there is network (`hf download {name} --exclude '*.py'`) and pass the local directory"
+        if offline:
+            raise MossCheckpointError(
+                f"{name!r} is not a local directory, HF_HUB_OFFLINE is set and no cached copy exists: {how}, "
+                "or unset HF_HUB_OFFLINE"
+            ) from err
+        raise MossCheckpointError(f"could not fetch {name!r} from the hub ({err}): {how}") from err
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory; :class:`MossCheckpointError` if absent or unreadable."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise MossCheckpointError(f"{path} has no config.json: is it a MOSS checkpoint directory?")
+    try:
+        return dict(json.loads(file.read_text(encoding="utf-8")))
+    except ValueError as err:
+        raise MossCheckpointError(f"{file} is not valid JSON: {err}") from err
+
+
+def _check_files(path: Path) -> None:
+    """Raise one error listing every missing tokenizer or weight file."""
+    missing = []
+    if not (path / "tokenizer.json").is_file():
+        missing += [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
+    for index, single in _WEIGHTS:
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            missing += [s for s in shards if not (path / s).is_file()]
+            break
+        if (path / single).is_file():
+            break
+    else:
+        missing.append("pytorch_model.bin.index.json with its pytorch_model-*.bin shards (or model.safetensors)")
+    if missing:
+        raise MossCheckpointError(f"{path} is missing {', '.join(missing)}; re-download the checkpoint")
+
+
+# ---------------------------------------------------------------- GPTQ checkpoints
+
+
+def _tensor_shape(path: Path, name: str) -> tuple[int, ...] | None:
+    """The shape of one stored tensor, read without loading the weights (safetensors header or meta)."""
+    for index, single in _WEIGHTS:
+        file = path / single
+        if (path / index).is_file():
+            file = path / json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].get(name, single)
+        if not file.is_file():
+            continue
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            return tuple(header[name]["shape"]) if name in header else None
+        import torch
+
+        tensor = torch.load(file, map_location="meta", weights_only=True, mmap=True).get(name)
+        return None if tensor is None else tuple(tensor.shape)
+    return None
+
+
+def gptq_bits(path: Path | None, config: dict[str, Any], name: str = "") -> int | None:
+    """The real bit width of a GPTQ-quantised checkpoint, or None if it is not quantised.
+
+    The released ``moss-moon-003-sft-plugin-int8`` config says ``wbits: 4``: the packed ``qweight`` rows
+    (``in_features * bits / 32``) tell the truth when the weights are at hand, the name otherwise.
+    """
+    if not config.get("wbits"):
+        return None
+    shape = _tensor_shape(path, "transformer.h.0.attn.qkv_proj.qweight") if path else None
+    if shape:
+        return shape[0] * 32 // int(config["n_embd"])
+    return 8 if "int8" in (name or (path.name if path else "")) else int(config["wbits"])
+
+
+def gptq_error(spec: ModelSpec, path: Path | None = None, bits: int | None = None) -> UnsupportedCheckpointError:
+    """The refusal for a GPTQ checkpoint: what it is, and the fp16 checkpoint + bitsandbytes instead."""
+    declared = spec.wbits
+    if bits is None:
+        bits = gptq_bits(path, {"wbits": declared, "n_embd": spec.n_embd}, spec.name)
+    fp16 = "fnlp/moss-moon-003-sft-plugin" if "plugin" in spec.name else "fnlp/moss-moon-003-sft"
+    lie = f" (its config says wbits {declared}; the packed weights are {bits}-bit)" if bits != declared else ""
+    backend = (
+        f" gptqmodel is installed: it may read this GPTQ-for-LLaMa (GPTQ v1) packing as a codegen model "
+        f"given a quantize_config.json with bits {bits} and group_size 128; moss-agent does not load GPTQ "
+        "weights itself."
+        if importlib.util.find_spec("gptqmodel")
+        else ""
+    )
+    return UnsupportedCheckpointError(
+        f"{spec.name} is a GPTQ {bits}-bit checkpoint{lie}, whose Triton kernels need Linux + CUDA and do "
+        f'not split across GPUs.{backend} Load the fp16 checkpoint {fp16!r} with precision="int{bits}" instead: '
+        "bitsandbytes quantises it while loading, needs about the same memory, and runs on any GPU or the "
+        "CPU."
+    )
+
+
+# ---------------------------------------------------------------- tokenizer and model
+
+
+def load_tokenizer(path: Path) -> tuple[Any, dict[str, int]]:
+    """The fast tokenizer of a checkpoint and the ids of the MOSS end tokens.
+
+    Raises:
+        MossCheckpointError: When an end token is missing or is not a single token.
+    """
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # type: ignore[attr-defined]
+
+    tok_config = path / "tokenizer_config.json"
+    named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
+    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and (path / "vocab.json").is_file():
+        tokenizer = GPT2TokenizerFast.from_pretrained(path)  # reads MOSS's files; never its remote code
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    ids: dict[str, int] = {}
+    for token in END_TOKENS:
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1 or encoded[0] != tokenizer.convert_tokens_to_ids(token):
+            raise MossCheckpointError(
+                f"the tokenizer in {path} encodes {token!r} as {encoded}, not one added token: MOSS's "
+                "added_tokens.json / special tokens are missing"
+            )
+        ids[token] = encoded[0]
+    return tokenizer, ids
+
+
+def _hf_config(path: Path, config: dict[str, Any]) -> tuple[Any, Any]:
+    """The transformers config and model class for a checkpoint config."""
+    from transformers import CodeGenConfig, CodeGenForCausalLM, GPTJConfig, GPTJForCausalLM
+
+    if config["model_type"] == "gptj":
+        return GPTJConfig.from_pretrained(path), GPTJForCausalLM
+    if config["model_type"] == "codegen":
+        return CodeGenConfig.from_pretrained(path), CodeGenForCausalLM
+    kept = {k: v for k, v in config.items() if k not in _NOT_CODEGEN_KEYS}
+    return CodeGenConfig(**kept, architectures=["CodeGenForCausalLM"]), CodeGenForCausalLM
+
+
+def _quantization_config(plan: LoadPlan) -> Any:
+    if plan.quantization is None:
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f'precision="{plan.precision}" needs bitsandbytes: pip install "moss-agent[quant]"')
+    offload = bool(plan.offloaded)
+    if plan.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_enable_fp32_cpu_offload=offload)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=getattr(torch, plan.dtype),
+        llm_int8_skip_modules=[],  # lm_head too: the plan's int4 figures count every matrix in NF4
+        llm_int8_enable_fp32_cpu_offload=offload,
+    )
+
+
+def _quantize_embedding(model: Any, dtype: Any) -> None:
+    """Replace the input embedding by an NF4 one (bitsandbytes has no from_pretrained option for it)."""
+    import bitsandbytes as bnb
+
+    old = model.get_input_embeddings()
+    if old.weight.device.type == "meta":  # offloaded: stays as it is
+        return
+    new = bnb.nn.EmbeddingNF4(old.num_embeddings, old.embedding_dim, dtype=dtype, device="meta")
+    new.weight = bnb.nn.Params4bit(
+        old.weight.data,
+        requires_grad=False,
+        quant_type="nf4",
+        compress_statistics=True,
+        module=new,  # type: ignore[arg-type]  # bitsandbytes annotates Linear4bit; Embedding4bit does the same
+    ).to(old.weight.device)  # type: ignore[misc]  # quantises while moving
+    hook = getattr(old, "_hf_hook", None)
+    if hook is not None:
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(new, hook)
+    model.set_input_embeddings(new)
+
+
+def _device_map(plan: LoadPlan, device_map: str | dict[str, Any]) -> Any:
+    if isinstance(device_map, dict):
+        return device_map
+    if device_map == "auto":
+        return plan.hf_device_map()
+    if device_map in ("balanced", "balanced_low_0", "sequential"):
+        return device_map
+    return {"": device_map}
+
+
+def load_moss(
+    model: str | os.PathLike[str],
+    *,
+    precision: str = "auto",
+    device_map: str | dict[str, Any] = "auto",
+    max_memory: dict[Any, int | str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
+    hardware: Hardware | None = None,
+    context: int = REFERENCE_CONTEXT,
+    turn_tokens: int = TURN_TOKENS,
+    batch: int = 1,
+) -> LoadedMoss:
+    """Load a MOSS (or CodeGen / GPT-J) checkpoint for generation, planned for the hardware first.
+
+    Args:
+        model: A checkpoint directory or hub id (fetched through huggingface_hub; no remote code).
+        precision: ``auto`` (the best that fits one turn), ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``int4``
+            (bitsandbytes, quantised while loading).
+        device_map: ``auto`` (the plan's map: GPUs in order, blocks never split, then CPU / disk), a device
+            (``cpu``, ``cuda:1``), an accelerate strategy (``balanced``, ``sequential``) or an explicit map;
+            anything but ``auto`` overrides the plan's placement.
+        max_memory: Per-device caps, e.g. ``{0: "20GiB", "cpu": "60GiB"}``.
+        offload_folder: Allows offloading weights to disk there.
+        hardware: The hardware to plan for; inspected when None.
+        context: Tokens of the full context the plan checks.
+        turn_tokens: Tokens of one turn the plan must fit.
+        batch: Sequences generated together.
+
+    Returns:
+        The model, tokenizer, plan and end-token ids.
+
+    Raises:
+        MossCheckpointError: Missing files, a config that is not MOSS / CodeGen, or a broken tokenizer.
+        UnsupportedCheckpointError: GPTQ-quantised checkpoints (the message names the alternative).
+        InsufficientMemoryError: When the plan cannot fit one turn (before any weight is read).
+    """
+    local = Path(model).expanduser().is_dir()
+    path = resolve_checkpoint(model, weights=False)
+    config = read_config(path)
+    spec = ModelSpec.from_config(config, name=path.name if local else str(model))
+    bits = gptq_bits(path if local else None, config, spec.name)
+    if bits:
+        raise gptq_error(spec, path if local else None, bits)
+    if local:
+        _check_files(path)
+    from moss_agent.hardware import inspect_hardware
+
+    hardware = hardware or inspect_hardware()
+    folder = None if offload_folder is None else str(offload_folder)
+    plan = plan_load(
+        spec, hardware, precision, max_memory=max_memory, offload_folder=folder, context=context,
+        turn_tokens=turn_tokens, batch=batch,
+    )  # fmt: skip
+    if not local:
+        path = resolve_checkpoint(model, weights=True)
+        _check_files(path)
+    tokenizer, end_ids = load_tokenizer(path)
+
+    import torch
+
+    hf_config, model_class = _hf_config(path, config)
+    kwargs: dict[str, Any] = {"config": hf_config, "dtype": getattr(torch, plan.dtype)}
+    kwargs["device_map"] = _device_map(plan, device_map)
+    if max_memory is not None and isinstance(kwargs["device_map"], str):
+        kwargs["max_memory"] = max_memory
+    if folder is not None:
+        kwargs["offload_folder"] = folder
+    quant = _quantization_config(plan)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        net = model_class.from_pretrained(path, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, OSError) as err:
+        if "weights_only" in str(err) or "Weights only" in str(err) or isinstance(err, pickle.UnpicklingError):
+            raise MossCheckpointError(
+                f"{path}: a weight file holds pickled objects other than tensors; refusing to run them "
+                "(weights load with torch.load(weights_only=True)). Use the official files or safetensors."
+            ) from err
+        raise
+    if plan.quantization == "int4":
+        _quantize_embedding(net, getattr(torch, plan.dtype))
+    net.eval()
+    return LoadedMoss(net, tokenizer, plan, end_ids, path)
