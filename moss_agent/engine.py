@@ -1,20 +1,30 @@
 """Generation: the Engine protocol every face talks to, and the local transformers engine.
 
 The engine knows text and tokens, never plugins: callers say which MOSS end tokens stop a generation
-(``<eoc>`` for plugin pass 1, ``<eom>`` for replies) and get back the text before the stop and what stopped it.
+(``<eoc>`` for plugin pass 1, ``<eom>`` for replies) and get back the text before the stop and what stopped
+it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+import threading
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from moss_agent._decoding import TextTracker, make_generator, next_tokens
+from moss_agent._kv import ModelRunner
 
 __all__ = [
+    "ContextWindowExceededError",
     "Delta",
     "Engine",
     "Generation",
     "SamplingParams",
+    "TransformersEngine",
+    "fit_context",
 ]
 
 
@@ -118,3 +128,299 @@ class Engine(Protocol):
     def token_ids(self, text: str) -> list[int]:
         """Token ids of ``text`` under the model's tokenizer."""
         ...
+
+
+class ContextWindowExceededError(ValueError):
+    """The prompt plus ``max_new_tokens`` do not fit the model's context window."""
+
+    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_window: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.max_new_tokens = max_new_tokens
+        self.context_window = context_window
+        super().__init__(
+            f"the prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} is "
+            f"{prompt_tokens + max_new_tokens} tokens, over the context window of {context_window}: "
+            "shorten the prompt (fewer turns of history), lower max_new_tokens, or pass "
+            "SamplingParams(truncate='left') to drop the oldest prompt tokens"
+        )
+
+
+def fit_context(ids: list[int], params: SamplingParams, context_window: int) -> list[int]:
+    """The prompt ids that fit beside ``params.max_new_tokens``: all, the newest, or an error.
+
+    Shared by the engines so that they agree on the context rules (``truncate="left"`` keeps the newest).
+
+    Raises:
+        ValueError: For an empty prompt or ``max_new_tokens`` below 1.
+        ContextWindowExceededError: When the prompt does not fit and may not be truncated (or nothing of it
+            would be left).
+    """
+    if not ids:
+        raise ValueError("the prompt is empty: an engine continues a prompt of at least one token")
+    if params.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
+    room = context_window - params.max_new_tokens
+    if len(ids) <= room:
+        return ids
+    if params.truncate == "left" and room >= 1:
+        return ids[-room:]
+    raise ContextWindowExceededError(len(ids), params.max_new_tokens, context_window)
+
+
+class TransformersEngine:
+    """Generation with a local transformers causal LM (MOSS loads as ``CodeGenForCausalLM``).
+
+    A hand-written decode loop over ``model(...)`` with a ``DynamicCache``. A generation stops at the MOSS
+    end tokens of ``params.stop_tokens`` (ids looked up in the tokenizer; ``stop_reason`` is the token, e.g.
+    ``"<eoc>"``), at the model's end-of-sequence token otherwise (``"eos"``), at a stop string
+    (``stop_reason`` is the string; the text is cut before it), at ``max_new_tokens`` or the context window
+    (``"length"``).
+
+    The KV cache of the last prompt plus output is kept: a prompt that starts with the same token ids (plugin
+    pass 2, the next turn of a conversation) only prefills its new suffix. One model call runs at a time and
+    :meth:`generate` holds the model until it is done; a stream paused between deltas lets other calls run,
+    which then prefill from scratch.
+
+    Args:
+        model: A causal LM taking ``input_ids``, ``position_ids``, ``attention_mask`` and a cache.
+        tokenizer: Its tokenizer (the MOSS byte-level BPE with the end tokens as added tokens).
+        model_name: Name for response metadata; by default the model's ``name_or_path``.
+        context_window: Prompt plus generated tokens; by default the model's ``n_positions`` (2048 for MOSS).
+        prefix_cache: Keep and reuse the KV cache of the last generation.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        model_name: str | None = None,
+        context_window: int | None = None,
+        prefix_cache: bool = True,
+    ) -> None:
+        config = model.config
+        positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if context_window is not None and positions and context_window > positions:
+            raise ValueError(f"context_window={context_window} is beyond the model's {positions} positions")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name: str = model_name or getattr(config, "name_or_path", "") or "moss"
+        self.context_window: int = context_window or positions or 2048
+        self.prefix_cache = prefix_cache
+        self._runner = ModelRunner(model)
+        self._lock = threading.Lock()
+        self._stop_ids: dict[str, int] = {}
+        eos = (config.eos_token_id, getattr(tokenizer, "eos_token_id", None))
+        self._eos_ids = {i for e in eos for i in (e if isinstance(e, list) else [e]) if i is not None}
+        self._pad_id = next(i for i in (tokenizer.pad_token_id, *sorted(self._eos_ids), 0) if i is not None)
+        self._vocab_limit = len(tokenizer)  # embedding rows past the tokenizer (padding) are never picked
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike[str],
+        *,
+        model_name: str | None = None,
+        context_window: int | None = None,
+        prefix_cache: bool = True,
+        **load_kwargs: Any,
+    ) -> TransformersEngine:
+        """Load a MOSS checkpoint (directory or hub id) with :func:`moss_agent.loading.load_moss`.
+
+        Args:
+            model: Checkpoint directory or hub id.
+            model_name: Name for response metadata; by default the directory name or the hub id.
+            context_window: See the class.
+            prefix_cache: See the class.
+            **load_kwargs: Passed to ``load_moss`` (``precision``, ``device_map``, ``max_memory``, ...).
+        """
+        from moss_agent.loading import load_moss
+
+        loaded = load_moss(model, **load_kwargs)
+        name = model_name or (Path(model).name if Path(model).is_dir() else str(model))
+        return cls(
+            loaded.model,
+            loaded.tokenizer,
+            model_name=name,
+            context_window=context_window,
+            prefix_cache=prefix_cache,
+        )
+
+    def token_ids(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no bos: MOSS prompts are encoded without one)."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens in ``text``."""
+        return len(self.token_ids(text))
+
+    def reset_cache(self) -> None:
+        """Drop the kept KV cache (frees its memory; the next prompt is prefilled in full)."""
+        with self._lock:
+            self._runner.reset()
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
+
+    def _prepare(self, prompt: str, params: SamplingParams) -> tuple[list[int], dict[int, str]]:
+        """The prompt's ids fitted to the context window, and the stop token ids (id -> token)."""
+        for tok in params.stop_tokens:
+            if tok not in self._stop_ids:
+                ids = self.token_ids(tok)
+                if len(ids) != 1:
+                    raise ValueError(
+                        f"stop token {tok!r} is {len(ids)} tokens under this tokenizer, not one: pass it in "
+                        "SamplingParams.stop (stop strings) instead of stop_tokens"
+                    )
+                self._stop_ids[tok] = ids[0]
+        stop_ids = {self._stop_ids[t]: t for t in params.stop_tokens}
+        return fit_context(self.token_ids(prompt), params, self.context_window), stop_ids
+
+    # ------------------------------------------------------------ one prompt
+
+    def _run(self, prompt: str, params: SamplingParams, keep: list[bool]) -> Generator[Delta, None, None]:
+        """The decode loop as deltas; the caller holds the lock and inference mode during each step.
+
+        The cache goes back to the runner before the last delta. A loop abandoned at a delta hands it back
+        too, unless the caller cleared ``keep[0]`` (it could not take the lock).
+        """
+        import torch
+
+        ids, stop_ids = self._prepare(prompt, params)
+        runner = self._runner
+        cache, reused = runner.checkout(ids) if self.prefix_cache else (runner.new_cache(), 0)
+        fed = ids[:reused]  # what the cache holds
+        consistent = True  # False while a forward pass may have half-updated the cache
+        todo, generated = ids[reused:], []
+        text = TextTracker(self._decode, params.stop)
+        reason = "length"
+        try:
+            device = runner.device
+            seen = runner.seen([ids])
+            generator = make_generator(params, runner.output_device)
+            while True:
+                consistent = False
+                positions = torch.arange(len(fed), len(fed) + len(todo), device=device).unsqueeze(0)
+                logits = runner.forward(torch.tensor([todo], device=device), positions, cache)
+                fed.extend(todo)
+                consistent = True
+                token = int(next_tokens(logits, seen, params, generator, self._vocab_limit)[0])
+                generated.append(token)
+                seen[0, token] = True
+                if token in stop_ids or token in self._eos_ids:
+                    reason = stop_ids.get(token, "eos")
+                    break
+                text.push(token)
+                if text.stop is not None:
+                    break
+                if len(generated) >= min(params.max_new_tokens, self.context_window - len(ids)):
+                    break
+                if piece := text.ready():
+                    yield Delta(piece)
+                todo = [token]
+        except BaseException:  # GeneratorExit at a delta included
+            if consistent and keep[0] and self.prefix_cache:
+                runner.checkin(cache, fed)
+            raise
+        if self.prefix_cache:
+            runner.checkin(cache, fed)
+        text.flush()
+        generation = Generation(text.text, text.stop or reason, len(ids), len(generated), reused, tuple(generated))
+        yield Delta(text.ready(final=True), generation)
+
+    def generate(self, prompt: str, params: SamplingParams) -> Generation:
+        """Generate a continuation of ``prompt`` (see the class for what stops it).
+
+        Raises:
+            ContextWindowExceededError: When prompt plus ``max_new_tokens`` exceed the context window and
+                ``params.truncate`` is ``"error"``.
+            ValueError: For a stop token that is not one token, an empty prompt, or ``max_new_tokens`` < 1.
+        """
+        import torch
+
+        with self._lock, torch.inference_mode():
+            *_, last = self._run(prompt, params, [True])
+        assert last.generation is not None, "the decode loop ends with the Generation"
+        return last.generation
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
+        """Generate, yielding text deltas; the last delta carries the :class:`Generation`.
+
+        Deltas never hold part of a character, of an end token or of a stop string, and they concatenate to
+        the final ``Generation.text``. The errors of :meth:`generate` are raised at the first ``next()``.
+        """
+        import torch
+
+        keep = [True]
+        steps = self._run(prompt, params, keep)
+        try:
+            while True:
+                with self._lock, torch.inference_mode():
+                    delta = next(steps, None)
+                if delta is None:
+                    return
+                yield delta
+        finally:
+            # An abandoned stream hands its cache back under the lock. Never wait for the lock here: a
+            # garbage-collected stream may be finalised in a thread that holds it; drop the cache instead.
+            if self._lock.acquire(blocking=False):
+                try:
+                    steps.close()
+                finally:
+                    self._lock.release()
+            else:
+                keep[0] = False
+                steps.close()
+
+    # ------------------------------------------------------------ several prompts
+
+    def generate_batch(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
+        """Generate for several prompts at once (left padding); under greedy, equal to one by one.
+
+        Bypasses the prefix cache. Raises as :meth:`generate` does, before any model call, for any prompt.
+        """
+        import torch
+
+        prepared = [self._prepare(p, params) for p in prompts]
+        if not prepared:
+            return []
+        stop_ids, rows = prepared[0][1], [ids for ids, _ in prepared]
+        runner, n = self._runner, len(rows)
+        texts = [TextTracker(self._decode, params.stop) for _ in rows]
+        generated: list[list[int]] = [[] for _ in rows]
+        reasons: list[str | None] = [None] * n
+        with self._lock, torch.inference_mode():
+            device = runner.device
+            width = max(len(r) for r in rows)
+            ids = torch.tensor([[self._pad_id] * (width - len(r)) + r for r in rows], device=device)
+            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            # Rotary positions count from each row's first real token, as when the row runs alone.
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            cache, seen = runner.new_cache(), runner.seen(rows)
+            generator = make_generator(params, runner.output_device)
+            while True:
+                logits = runner.forward(ids, positions, cache, mask)
+                tokens = next_tokens(logits, seen, params, generator, self._vocab_limit).tolist()
+                for r, token in enumerate(tokens):
+                    if reasons[r] is not None:
+                        continue  # finished rows ride along; their tokens are ignored
+                    generated[r].append(token)
+                    seen[r, token] = True
+                    if token in stop_ids or token in self._eos_ids:
+                        reasons[r] = stop_ids.get(token, "eos")
+                        continue
+                    texts[r].push(token)
+                    limit = min(params.max_new_tokens, self.context_window - len(rows[r]))
+                    if texts[r].stop is not None or len(generated[r]) >= limit:
+                        reasons[r] = "length"
+                if all(reason is not None for reason in reasons):
+                    break
+                ids = torch.tensor(tokens, device=device).unsqueeze(-1)
+                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=-1)
+                positions = positions[:, -1:] + 1
+        out = []
+        for r, text in enumerate(texts):
+            text.flush()
+            reason = text.stop or reasons[r] or "length"
+            out.append(Generation(text.text, reason, len(rows[r]), len(generated[r]), 0, tuple(generated[r])))
+        return out

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Tiny models run several times faster on one thread than on two contended ones (CI has two cores); set before
+# any test imports torch. Code that trains (the demo model) sets its own thread count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MOSS_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "moss_data"
 

@@ -2,3 +2,7 @@
 
 Nothing here downloads anything: every model is built locally, seeded, in the real MOSS checkpoint layout.
 """
+
+from moss_agent.testing.engines import ScriptedEngine, ScriptExhaustedError
+
+__all__ = ["ScriptExhaustedError", "ScriptedEngine"]
