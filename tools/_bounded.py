@@ -1,0 +1,285 @@
+"""A persistent worker process that runs math jobs under a wall-clock limit.
+
+sympy takes most of a second to import, so a process per call would be slow; one long-lived worker answers
+each job in milliseconds. A job that runs past its limit is not waited for: the worker is killed, the call
+fails with :class:`WorkerTimeout`, and a fresh worker starts in the background for the next call. So a hung
+computation never hangs the agent, and a crash of the worker never takes the agent with it.
+
+The worker loads ``tools/_math_eval.py`` and ``tools/_safe_math.py`` from this folder under a private package
+name, without running ``moss_agent``'s package ``__init__`` files, so it imports only the standard library and
+sympy. Requests and replies are JSON lines on the worker's stdin and stdout.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import queue
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["MathWorker", "WorkerError", "WorkerTimeout", "shared_worker"]
+
+logger = logging.getLogger(__name__)
+
+_HERE = Path(__file__).resolve().parent
+
+# Run by `python -c` in the worker. Drops the current directory from sys.path (nothing there may shadow
+# sympy), then imports this folder as a private package so that relative imports work.
+_BOOT = """
+import importlib, sys, types
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+package = types.ModuleType("_moss_math_worker")
+package.__path__ = [sys.argv[1]]
+sys.modules["_moss_math_worker"] = package
+importlib.import_module("_moss_math_worker._bounded").serve(sys.argv[2], int(sys.argv[3]))
+"""
+
+
+class WorkerError(RuntimeError):
+    """The worker could not run the job (it could not start, or it died)."""
+
+
+class WorkerTimeout(WorkerError, TimeoutError):
+    """The job ran past its time limit; the worker was killed and is being replaced."""
+
+
+class _Process:
+    """One worker process and the thread that reads its replies."""
+
+    def __init__(self, target: str, memory_mb: int) -> None:
+        self.replies: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        self.ready = False
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, str(_HERE), target, str(memory_mb)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            encoding="utf-8",
+        )
+        assert self.proc.stdout is not None
+        threading.Thread(
+            target=_read_replies, args=(self.proc.stdout, self.replies), daemon=True, name="moss-math-reader"
+        ).start()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait_ready(self, timeout: float) -> bool:
+        if not self.ready:
+            try:
+                message = self.replies.get(timeout=timeout)
+            except queue.Empty:
+                message = None
+            self.ready = bool(message and message.get("ready"))
+        return self.ready
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        try:
+            self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be refused
+            logger.warning("math worker %s did not exit", self.proc.pid)
+        for stream in (self.proc.stdin, self.proc.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
+
+
+class MathWorker:
+    """Worker processes that run the jobs of ``tools._math_eval.handle``, one at a time, each time-bounded.
+
+    One process answers; once it is ready a second one starts as a hot spare, so that when a job is cut
+    off the next call does not wait for a new process to import sympy.
+
+    Args:
+        target: Module of this folder whose ``handle(op, arg, options)`` serves the jobs.
+        startup_timeout: Seconds to wait for a new process to import sympy and report ready.
+        memory_mb: Address-space cap of each process (POSIX only), so a runaway job cannot exhaust memory.
+        spare: Whether to keep the hot spare.
+
+    Raises:
+        ValueError: If ``startup_timeout`` or ``memory_mb`` is not positive.
+    """
+
+    def __init__(
+        self,
+        target: str = "_math_eval",
+        *,
+        startup_timeout: float = 20.0,
+        memory_mb: int = 2048,
+        spare: bool = True,
+    ) -> None:
+        if startup_timeout <= 0 or memory_mb <= 0:
+            raise ValueError("startup_timeout and memory_mb must be positive")
+        self.target = target
+        self.startup_timeout = startup_timeout
+        self.memory_mb = memory_mb
+        self.spare = spare
+        self._lock = threading.RLock()
+        self._active: _Process | None = None
+        self._spare: _Process | None = None
+        self._next_id = 0
+
+    def start(self) -> None:
+        """Start the worker if none is running; returns at once (it gets ready in the background)."""
+        with self._lock:
+            if self._active is None or not self._active.alive():
+                if self._active is not None:
+                    self._active.kill()
+                spare, self._spare = self._spare, None
+                if spare is not None and spare.alive():
+                    self._active = spare
+                else:
+                    if spare is not None:
+                        spare.kill()
+                    self._active = _Process(self.target, self.memory_mb)
+
+    def wait_ready(self) -> bool:
+        """Start the worker and its spare if needed, and wait (each up to ``startup_timeout``) until ready.
+
+        Returns:
+            Whether the worker can take jobs.
+        """
+        with self._lock:
+            self.start()
+            assert self._active is not None
+            if not self._active.wait_ready(self.startup_timeout):
+                return False
+            self._start_spare()
+            return self._spare is None or self._spare.wait_ready(self.startup_timeout)
+
+    def _start_spare(self) -> None:
+        if self.spare and (self._spare is None or not self._spare.alive()):
+            self._spare = _Process(self.target, self.memory_mb)
+
+    def call(self, op: str, arg: str, options: dict[str, Any] | None = None, *, timeout: float) -> Any:
+        """Run one job in the worker.
+
+        Args:
+            op: The job kind (``"calculate"`` or ``"solve"``).
+            arg: The job's text.
+            options: JSON-ready options passed on to the job.
+            timeout: Seconds the job may run, counted once the worker is ready.
+
+        Returns:
+            The job's JSON-ready result.
+
+        Raises:
+            WorkerTimeout: The job ran too long; its process was killed and replaced.
+            WorkerError: The worker could not start or died.
+            ValueError: The job itself failed (``MathInputError`` and the like); the message says why.
+        """
+        with self._lock:
+            self.start()
+            proc = self._active
+            assert proc is not None and proc.proc.stdin is not None
+            if not proc.wait_ready(self.startup_timeout):
+                self._discard()
+                raise WorkerError(f"the math worker did not start within {self.startup_timeout:g} s")
+            self._start_spare()
+            self._next_id += 1
+            request = {"id": self._next_id, "op": op, "arg": arg, "options": options}
+            try:
+                proc.proc.stdin.write(json.dumps(request) + "\n")
+                proc.proc.stdin.flush()
+                reply = proc.replies.get(timeout=timeout)
+            except queue.Empty:
+                self._discard()
+                raise WorkerTimeout(f"no result within the {timeout:g} s time limit") from None
+            except OSError as err:
+                self._discard()
+                raise WorkerError(f"the math worker died: {err}") from None
+            if reply is None or reply.get("id") != self._next_id:
+                self._discard()
+                raise WorkerError("the math worker died")
+        if not reply.get("ok"):
+            raise ValueError(reply.get("error") or "the job failed")
+        return reply.get("result")
+
+    def _discard(self) -> None:
+        """Kill the active process; the spare (if any) takes over at the next call."""
+        if self._active is not None:
+            self._active.kill()
+            self._active = None
+        self.start()
+
+    def close(self) -> None:
+        """Stop the worker processes (a later call starts new ones)."""
+        with self._lock:
+            for proc in (self._active, self._spare):
+                if proc is not None:
+                    proc.kill()
+            self._active = self._spare = None
+
+
+def _read_replies(stream: IO[str], replies: queue.Queue[dict[str, Any] | None]) -> None:
+    for line in stream:
+        try:
+            replies.put(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    replies.put(None)
+
+
+_SHARED: MathWorker | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_worker() -> MathWorker:
+    """The process-wide math worker shared by the calculator and the solver (started on first use)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = MathWorker()
+            atexit.register(_SHARED.close)
+        return _SHARED
+
+
+# ---------------------------------------------------------------- the worker side
+
+
+def serve(target: str, memory_mb: int) -> None:
+    """Worker main loop: answer JSON requests from stdin until it closes (run by ``_BOOT``)."""
+    _cap_memory(memory_mb)
+    out = sys.stdout
+    sys.stdout = sys.stderr  # stray prints of a library must not corrupt the replies
+    module = __import__(f"{__package__}.{target}", fromlist=["handle"])
+    module.warm_up()
+    _send(out, {"ready": True})
+    for line in sys.stdin:
+        request_id = None
+        try:
+            request = json.loads(line)
+            request_id = request["id"]
+            result = module.handle(request["op"], request["arg"], request.get("options"))
+            reply = {"id": request_id, "ok": True, "result": result}
+        except Exception as err:  # every failure goes back to the caller as text
+            text = str(err) if type(err).__name__ == "MathInputError" else f"{type(err).__name__}: {err}"
+            reply = {"id": request_id, "ok": False, "error": text[:500]}
+        _send(out, reply)
+
+
+def _send(out: IO[str], message: dict[str, Any]) -> None:
+    out.write(json.dumps(message) + "\n")
+    out.flush()
+
+
+def _cap_memory(memory_mb: int) -> None:
+    try:
+        import resource
+    except ImportError:  # not POSIX: no cap
+        return
+    limit = memory_mb * 1024 * 1024
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
