@@ -14,17 +14,18 @@ cache serves it.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable, ensure_config
-from langchain_core.runnables.config import run_in_executor
+from langchain_core.runnables.config import get_callback_manager_for_config, patch_config, run_in_executor
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field
 
 from moss_agent import format as fmt
+from moss_agent import parser
 from moss_agent import plugins as _plugins
 from moss_agent.chat_model import ChatMoss
 from moss_agent.engine import Engine
@@ -38,7 +39,7 @@ from moss_agent.messages import (
     results_from_outputs,
     system_text,
 )
-from moss_agent.tool_binding import bind_tools, command_for_tool_call
+from moss_agent.tool_binding import BoundTool, bind_tools, command_for_tool_call, to_tool_call
 
 __all__ = ["AgentEvent", "CommandRun", "MossAgent", "TurnResult"]
 
@@ -57,6 +58,7 @@ class CommandRun:
         output: The result text MOSS reads.
         artifact: The tool's structured result (image path, search hits ...), if any.
         error: Why the command did not run or failed, if it did.
+        ran: Whether its tool was called (a failing tool too); False for commands that could not run.
     """
 
     text: str
@@ -66,6 +68,7 @@ class CommandRun:
     output: str = _plugins.NO_RESULT
     artifact: Any = None
     error: str | None = None
+    ran: bool = False
 
 
 @dataclass
@@ -73,12 +76,12 @@ class TurnResult:
     """Everything one agent turn produced.
 
     Attributes:
-        input: The user's text.
+        input: The user's text (scrubbed).
         output: MOSS's reply.
         inner_thoughts: The inner thoughts (``None`` as MOSS writes it when there are none).
-        commands: The commands segment as MOSS wrote it.
+        commands: The commands segment as recorded.
         results: The results body as MOSS read it.
-        runs: The commands, their results and artifacts.
+        runs: The commands, their results and artifacts, in release order.
         turn: The turn in MOSS's layout, as stored in memory.
         usage: Token usage over both passes.
     """
@@ -109,7 +112,8 @@ class AgentEvent:
     """A streamed agent event.
 
     Attributes:
-        type: ``thoughts``, ``command``, ``result``, ``reply`` (a text delta) or ``turn`` (the end).
+        type: ``thoughts``, ``command`` (a CommandRun about to run), ``result`` (the CommandRun done),
+            ``reply`` (a text delta) or ``turn`` (the TurnResult, always last).
         data: The text, the CommandRun, or the TurnResult.
     """
 
@@ -128,6 +132,8 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
 
             agent = MossAgent("fnlp/moss-moon-003-sft-plugin", tools=[SearchTool(), CalculatorTool()])
             agent.invoke({"input": "What is 2^10?"})["output"]
+
+    One agent holds one conversation: run its turns one after the other (``batch`` would mix them).
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -146,6 +152,7 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
     """Turns so far, when no memory is given."""
 
     def __init__(self, model: ChatMoss | Engine | str | None = None, **kwargs: Any) -> None:
+        """Build the agent on a ChatMoss, an engine, or a checkpoint path / hub id (loaded on first use)."""
         if model is not None and "chat" not in kwargs:
             if isinstance(model, ChatMoss):
                 kwargs["chat"] = model
@@ -166,9 +173,9 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         else:
             self.history.append(turn)
 
-    def _messages(self, human: str) -> list[BaseMessage]:
+    def _messages(self, human: str, bound: Sequence[BoundTool]) -> list[BaseMessage]:
         """System text, the turns memory shows, and the new question, as ChatMoss messages."""
-        system = system_text(self.system, bind_tools(self.tools), style=self.chat.switch_style)
+        system = system_text(self.system, bound, style=self.chat.switch_style)
         if self.memory is not None:
             if self.memory.system != system:
                 self.memory.system = system  # counted by token budgets and saved with the session
@@ -176,137 +183,144 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         messages: list[BaseMessage] = [SystemMessage(system)]
         for turn in self._turns():
             messages.append(HumanMessage(turn.human, additional_kwargs={VERBATIM: True}))
-            messages.append(
-                AIMessage(
-                    turn.reply,
-                    additional_kwargs={
-                        REASONING: turn.inner_thoughts,
-                        RAW_COMMANDS: turn.commands,
-                        RAW_RESULTS: turn.results,
-                    },
-                )
-            )
+            raw = {REASONING: turn.inner_thoughts, RAW_COMMANDS: turn.commands, RAW_RESULTS: turn.results}
+            messages.append(AIMessage(turn.reply, additional_kwargs=raw))
         messages.append(HumanMessage(human, additional_kwargs={VERBATIM: True}))  # scrubbed by _turn
         return messages
 
-    # ------------------------------------------------------------------ one turn
+    # ------------------------------------------------------------------ commands
 
-    def _run_commands(self, ai: AIMessage, config: RunnableConfig) -> list[CommandRun]:
-        """Run the turn's commands: at most ``max_commands``, in release order, concurrently."""
-        by_name = {t.name: t for t in self.tools}
-        bound = bind_tools(self.tools)
+    def _plan(self, first: AIMessage, bound: Sequence[BoundTool]) -> tuple[list[Any], list[CommandRun]]:
+        """The tool calls to run (at most ``max_commands``, release order) and the runs that will not run."""
+        by_name = {t.name for t in self.tools}
         order = {api: i for i, api in enumerate(_plugins.EXECUTION_ORDER)}
-        calls = sorted(ai.tool_calls, key=lambda c: order.get(command_for_tool_call(c, bound).name, len(order)))
-        skipped: list[CommandRun] = []
-        for bad in ai.invalid_tool_calls:
-            name, text = bad.get("name"), str(bad.get("args") or "")
-            error = bad.get("error") or "invalid command"
-            command = Command(name, text) if name else None  # an unknown command, or unreadable text
-            skipped.append(CommandRun(str(command) if command else text, command, error=error, output=error))
+        calls = [c for c in first.tool_calls if c["name"] in by_name]
+        calls.sort(key=lambda c: order.get(command_for_tool_call(c, bound).name, len(order)))
+        # A streamed message rebuilds invalid calls without their error; anything not runnable is invalid.
+        invalid = [*first.invalid_tool_calls, *(c for c in first.tool_calls if c["name"] not in by_name)]
+        skipped = [_invalid_run(bad, bound) for bad in invalid]
         for extra in calls[self.max_commands :]:
             command = command_for_tool_call(extra, bound)
             skipped.append(
                 CommandRun(str(command), command, extra["name"], extra["args"], _OVER_LIMIT, error=_OVER_LIMIT)
             )
+        return calls[: self.max_commands], skipped
 
-        def call(tc: Any) -> CommandRun:
-            command = command_for_tool_call(tc, bound)
-            run = CommandRun(str(command), command, tc["name"], tc["args"])
-            try:
-                message = by_name[tc["name"]].invoke(tc, config=config)
-            except Exception as err:  # a failing tool is a result the model reads, never a crash
-                run.error = f"{type(err).__name__}: {err}"
-                return run
-            run.output = message_text(message) if isinstance(message, ToolMessage) else str(message)
-            run.artifact = getattr(message, "artifact", None)
+    def _run_tool(self, call: Any, bound: Sequence[BoundTool], config: RunnableConfig) -> CommandRun:
+        command = command_for_tool_call(call, bound)
+        run = CommandRun(str(command), command, call["name"], call["args"], ran=True)
+        tool = next(t for t in self.tools if t.name == call["name"])
+        try:
+            message = tool.invoke(call, config=config)
+        except Exception as err:  # a failing tool is a result the model reads, never a crash
+            run.error = f"{type(err).__name__}: {err}"
             return run
-
-        todo = calls[: self.max_commands]
-        if len(todo) > 1:
-            with concurrent.futures.ThreadPoolExecutor(max_workers=len(todo)) as pool:
-                return list(pool.map(call, todo)) + skipped
-        return [call(tc) for tc in todo] + skipped
+        run.output = message_text(message) if isinstance(message, ToolMessage) else str(message)
+        run.artifact = getattr(message, "artifact", None)
+        return run
 
     @staticmethod
     def _results_body(runs: Sequence[CommandRun]) -> str:
-        """The results block MOSS reads: every command's output in release order, then unreadable text."""
-        body = results_from_outputs([(r.command, r.output) for r in runs if r.command is not None])
-        unreadable = [
-            _plugins.format_result_entry(r.text, fmt.scrub(r.output), "inline") for r in runs if r.command is None
+        """The results block MOSS reads: the tools' outputs in release order, then why the others did not run."""
+        ran = [(r.command, r.output) for r in runs if r.ran and r.command is not None]
+        body = results_from_outputs(ran) if ran else "\n"
+        errors = [
+            _plugins.format_result_entry(fmt.scrub(r.text), fmt.scrub(r.output), "inline") for r in runs if not r.ran
         ]
-        if unreadable and body.startswith("\n"):  # not the bare Text2Image sentence
-            body = ("\n" if body == "\nNone\n" else body) + "".join(unreadable)
-        return body
+        if not errors:
+            return body
+        if not body.startswith("\n"):  # a lone Text2Image's bare sentence: written as an entry among others
+            body = "\n" + _plugins.format_result_entry(str(ran[0][0]), body.strip(), "sentence")
+        return body + "".join(errors)
+
+    # ------------------------------------------------------------------ one turn
 
     def _turn(self, human: str, config: RunnableConfig) -> Iterator[AgentEvent]:
         human = fmt.scrub(human)
-        messages = self._messages(human)
+        bound = bind_tools(self.tools)
+        messages = self._messages(human, bound)
         chat = self.chat.bind_tools(self.tools) if self.tools else self.chat
-        first = chat.invoke(messages, config=config)
+        # Pass 1. Without a command ChatMoss answers at once (pass 2 from its cached prefix): stream that reply.
+        first = yield from _streamed(chat, messages, config)
         thoughts = first.additional_kwargs.get(REASONING) or fmt.NONE
         commands = first.additional_kwargs.get(RAW_COMMANDS) or fmt.NONE
         yield AgentEvent("thoughts", thoughts)
+        runs: list[CommandRun] = []
+        usage = [first.usage_metadata]
         if not (first.tool_calls or first.invalid_tool_calls):
-            reply, usage = message_text(first), dict(first.usage_metadata or {})
-            results = "\nNone\n" if self.tools else " None"
-            yield AgentEvent("reply", reply)
-            runs: list[CommandRun] = []
+            reply = message_text(first)
+            results = fmt.results_body(None, plugins_on=bool(self.tools))
         else:
-            runs = self._run_commands(first, config)
-            for run in runs:
-                yield AgentEvent("command", run)
-            results = self._results_body(runs)
+            todo, skipped = self._plan(first, bound)
+            for call in todo:
+                yield AgentEvent("command", CommandRun(str(command_for_tool_call(call, bound)), tool=call["name"]))
+            with concurrent.futures.ThreadPoolExecutor(max_workers=max(len(todo), 1)) as pool:
+                runs = list(pool.map(lambda c: self._run_tool(c, bound, config), todo)) + skipped
             for run in runs:
                 yield AgentEvent("result", run)
-            calls = [
-                {"name": r.tool, "args": r.args, "id": f"call_{i}"} for i, r in enumerate(runs) if r.tool is not None
-            ]
-            ai = AIMessage(
-                "",
-                tool_calls=calls,
-                additional_kwargs={REASONING: thoughts, RAW_COMMANDS: commands, RAW_RESULTS: results},
-            )
-            tool_messages = [ToolMessage("", tool_call_id=c["id"]) for c in calls]
-            reply_parts = []
-            final = None
-            for chunk in chat.stream([*messages, ai, *tool_messages], config=config):
-                if chunk.content:
-                    reply_parts.append(message_text(chunk))
-                    yield AgentEvent("reply", message_text(chunk))
-                final = chunk if final is None else final + chunk
-            reply = "".join(reply_parts)
-            usage = _add_usage(first.usage_metadata, final.usage_metadata if final is not None else None)
+            results = self._results_body(runs)
+            # Pass 2: the raw segments make ChatMoss continue exactly the text pass 1 produced.
+            calls = [{"name": r.tool or "invalid", "args": r.args, "id": f"call_{i}"} for i, r in enumerate(runs)]
+            raw = {REASONING: thoughts, RAW_COMMANDS: commands, RAW_RESULTS: results}
+            answers = [ToolMessage(r.output, tool_call_id=c["id"]) for r, c in zip(runs, calls, strict=True)]
+            asked = AIMessage("", tool_calls=calls, additional_kwargs=raw)
+            second = yield from _streamed(chat, [*messages, asked, *answers], config)
+            reply = message_text(second)
+            usage.append(second.usage_metadata)
         turn = fmt.MossTurn(human, reply, thoughts, commands, results)
         self._remember(turn, [r.artifact for r in runs if r.artifact is not None])
-        yield AgentEvent("turn", TurnResult(human, reply, thoughts, commands, results, runs, turn, usage))
+        yield AgentEvent("turn", TurnResult(human, reply, thoughts, commands, results, runs, turn, _add_usage(*usage)))
 
     # ------------------------------------------------------------------ Runnable
+
+    def stream_events_of_turn(self, text: str, config: RunnableConfig | None = None) -> Iterator[AgentEvent]:
+        """Run one turn, yielding typed :class:`AgentEvent` s: reply deltas, thoughts, commands, results, turn.
+
+        A turn with commands yields thoughts, each command, each result, then the reply deltas; a turn without
+        yields the reply deltas as ChatMoss streams them, then the thoughts. The ``turn`` event is always last.
+        The turn is one chain run for callbacks, with the model passes and the tools as its children.
+        """
+        config = ensure_config(config)
+        manager = get_callback_manager_for_config(config).on_chain_start(
+            None, {"input": text}, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        )
+        result: TurnResult | None = None
+        try:
+            for event in self._turn(text, patch_config(config, callbacks=manager.get_child())):
+                if event.type == "turn":
+                    result = event.data
+                yield event
+        except BaseException as err:
+            manager.on_chain_error(err)
+            raise
+        manager.on_chain_end(result.to_dict() if result is not None else {})
+
+    def run_turn(self, text: str, config: RunnableConfig | None = None) -> TurnResult:
+        """Run one turn and return it as a :class:`TurnResult`."""
+        result: TurnResult | None = None
+        for event in self.stream_events_of_turn(text, config):
+            if event.type == "turn":
+                result = event.data
+        assert result is not None, "an agent turn always ends with its result"
+        return result
 
     def invoke(
         self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
     ) -> dict[str, Any]:
         """Run one turn; returns the reply (``output``) with the turn's thoughts, commands, results, artifacts."""
-        result = self.run_turn(_input_text(input), config)
-        return result.to_dict()
-
-    def run_turn(self, text: str, config: RunnableConfig | None = None) -> TurnResult:
-        """Run one turn and return it as a :class:`TurnResult`."""
-        for event in self._turn(text, ensure_config(config)):
-            if event.type == "turn":
-                return event.data  # type: ignore[no-any-return]
-        raise RuntimeError("the agent turn ended without a result")  # pragma: no cover
-
-    def stream_events_of_turn(self, text: str, config: RunnableConfig | None = None) -> Iterator[AgentEvent]:
-        """Run one turn, yielding typed events: thoughts, each command and result, reply deltas, the turn."""
-        yield from self._turn(text, ensure_config(config))
+        return self.run_turn(_input_text(input), config).to_dict()
 
     def stream(
         self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
     ) -> Iterator[dict[str, Any]]:
         """Stream the turn as dicts ``{"type": ..., "data": ...}``; the last one has type ``turn``."""
         for event in self.stream_events_of_turn(_input_text(input), config):
-            data = event.data.to_dict() if isinstance(event.data, TurnResult) else event.data
-            yield {"type": event.type, "data": asdict(data) if isinstance(data, CommandRun) else data}
+            data = event.data
+            if isinstance(data, TurnResult):
+                data = data.to_dict()
+            elif isinstance(data, CommandRun):
+                data = asdict(data)
+            yield {"type": event.type, "data": data}
 
     async def ainvoke(
         self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
@@ -317,13 +331,10 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
     async def astream(
         self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[dict[str, Any]]:
-        """Async :meth:`stream`."""
+        """Async :meth:`stream`: each step of the sync stream runs in an executor."""
         iterator = self.stream(input, config)
-        sentinel = object()
-        while True:
-            item = await run_in_executor(config, next, iterator, sentinel)
-            if item is sentinel:
-                return
+        done = object()
+        while (item := await run_in_executor(config, next, iterator, done)) is not done:
             yield item  # type: ignore[misc]
 
     def reset(self) -> None:
@@ -331,6 +342,36 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         if self.memory is not None:
             self.memory.clear()
         self.history.clear()
+
+
+def _streamed(chat: Any, messages: list[BaseMessage], config: RunnableConfig) -> Generator[AgentEvent, None, AIMessage]:
+    """Stream one ChatMoss call: yield its reply text as ``reply`` events, return the whole message."""
+    whole: Any = None
+    for chunk in chat.stream(messages, config=config):
+        whole = chunk if whole is None else whole + chunk
+        if chunk.content:
+            yield AgentEvent("reply", message_text(chunk))
+    assert isinstance(whole, AIMessage), "ChatMoss streamed no message"
+    return whole
+
+
+def _invalid_run(bad: Any, bound: Sequence[BoundTool]) -> CommandRun:
+    """A command that cannot run, with the error text the model reads.
+
+    ChatMoss keeps the command as MOSS wrote it in ``args``; a streamed message loses the ``error``, so it is
+    worked out again the way ChatMoss found it.
+    """
+    args = bad.get("args")
+    text = args if isinstance(args, str) else str(Command(bad.get("name") or "", str(args or "")))
+    found, unreadable = parser.parse_commands(text)
+    command = found[0] if len(found) == 1 and not unreadable else None
+    error = bad.get("error")
+    if not error and command is not None:
+        error = to_tool_call(command, bound).get("error")
+    if not error and unreadable:
+        error = unreadable[0].error
+    error = error or "Not a command this agent can run."
+    return CommandRun(str(command) if command else text, command, error=error, output=error)
 
 
 def _input_text(input: dict[str, Any] | str) -> str:
@@ -343,8 +384,10 @@ def _input_text(input: dict[str, Any] | str) -> str:
 
 
 def _add_usage(*usages: Any) -> dict[str, Any]:
-    total: dict[str, Any] = {}
+    total: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0, "cache_read": 0}
     for usage in usages:
+        usage = usage or {}
         for key in ("input_tokens", "output_tokens", "total_tokens"):
-            total[key] = total.get(key, 0) + int((usage or {}).get(key, 0))
+            total[key] += int(usage.get(key, 0))
+        total["cache_read"] += int((usage.get("input_token_details") or {}).get("cache_read", 0))
     return total
