@@ -9,39 +9,39 @@ the engine's prefix cache makes it cost only the new tokens.
 from __future__ import annotations
 
 import json
-import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
+from langchain_core.language_models.base import LangSmithParams
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
+from langchain_core.messages.tool import invalid_tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from moss_agent import format as fmt
 from moss_agent import parser
-from moss_agent.engine import Delta, Engine, Generation, SamplingParams
-from moss_agent.messages import RAW_COMMANDS, REASONING, PendingTurn, RenderedChat, render_messages
-from moss_agent.tool_binding import BoundTool, bind_tools, to_tool_call
+from moss_agent.engine import Delta, Generation, SamplingParams
+from moss_agent.llm import _CALL_OPTIONS, EngineHolder, MossSettings
+from moss_agent.messages import RAW_COMMANDS, RAW_RESULTS, REASONING, PendingTurn, RenderedChat, render_messages
+from moss_agent.plugins import format_result_entry
+from moss_agent.tool_binding import BoundTool, ToolChoice, bind_tools, new_call_id, resolve_tool_choice, to_tool_call
 
 __all__ = ["ChatMoss", "EngineHolder", "MossSettings"]
-
 
 _Run = Callable[[str, SamplingParams], Iterator[Delta]]
 """Runs one generation pass, yielding deltas (one whole delta when not streaming)."""
 
 
 @dataclass
-class _Step:
-    """One generation pass and what it contributes to the message."""
+class _Piece:
+    """A piece of streamed text: reply content or inner thoughts."""
 
-    kind: Literal["reply"]
-    text: str = ""
-    generation: Generation | None = None
+    kind: Literal["reply", "thoughts"]
+    text: str
 
 
 @dataclass
@@ -51,117 +51,23 @@ class _Outcome:
     reply: str = ""
     thoughts: str | None = None
     commands: str | None = None
+    results: str | None = None
     tool_calls: list[Any] = field(default_factory=list)
     invalid: list[Any] = field(default_factory=list)
     generations: list[Generation] = field(default_factory=list)
 
 
-class EngineHolder:
-    """Lazily builds one engine and shares it among faces (ChatMoss, MossLLM, MossAgent)."""
-
-    def __init__(self, factory: Callable[[], Engine]) -> None:
-        self._factory = factory
-        self._engine: Engine | None = None
-        self._lock = threading.Lock()
-
-    def get(self) -> Engine:
-        """The engine, built on first use."""
-        with self._lock:
-            if self._engine is None:
-                self._engine = self._factory()
-            return self._engine
-
-
-class MossSettings(BaseModel):
-    """Fields and engine handling shared by the MOSS faces (ChatMoss, MossLLM)."""
-
-    model_config = ConfigDict(arbitrary_types_allowed=True, populate_by_name=True)
-
-    model: str | None = None
-    """A MOSS checkpoint: local directory or hub id (``fnlp/moss-moon-003-sft-plugin``)."""
-    engine: Any = Field(default=None, exclude=True)
-    """A ready :class:`~moss_agent.engine.Engine` to share instead of loading ``model``."""
-    precision: str = "auto"
-    """``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``int4``."""
-    device_map: Any = "auto"
-    """Where the layers go: ``auto``, ``cpu``, ``cuda:0`` or an explicit accelerate device map."""
-    max_memory: dict[Any, Any] | None = None
-    """Per-device memory limits for the device map, e.g. ``{0: "20GiB", "cpu": "30GiB"}``."""
-    offload_folder: str | None = None
-    """Folder for weights that fit nowhere else."""
-    max_new_tokens: int = 256
-    """Upper bound on generated tokens per pass."""
-    temperature: float = 0.7
-    """Sampling temperature; 0 is greedy."""
-    top_p: float = 0.8
-    """Nucleus sampling mass."""
-    top_k: int = 40
-    """Top-k sampling."""
-    repetition_penalty: float = 1.02
-    """Repetition penalty of the release."""
-    do_sample: bool = True
-    """False for greedy decoding."""
-    seed: int | None = None
-    """Seed for reproducible sampling."""
-    stop: list[str] | None = Field(default=None, alias="stop_sequences")
-    """Extra stop strings."""
-    switch_style: fmt.SwitchStyle = "trained"
-    """Form of the switch block: ``trained``, ``readme``, ``production`` or ``none``."""
-
-    _holder: EngineHolder | None = PrivateAttr(default=None)
-
-    def _engine(self) -> Engine:
-        if self.engine is not None:
-            return self.engine
-        if self._holder is None:
-            if not self.model:
-                raise ValueError("ChatMoss needs a model (a MOSS checkpoint path or hub id) or an engine")
-            model, kwargs = self.model, self._load_kwargs()
-
-            def build() -> Engine:
-                from moss_agent.engine import TransformersEngine
-
-                return TransformersEngine.from_pretrained(model, **kwargs)
-
-            self._holder = EngineHolder(build)
-        return self._holder.get()
-
-    def _load_kwargs(self) -> dict[str, Any]:
-        return {
-            "precision": self.precision,
-            "device_map": self.device_map,
-            "max_memory": self.max_memory,
-            "offload_folder": self.offload_folder,
-        }
-
-    def _params(self, stop: Sequence[str] | None, stop_tokens: tuple[str, ...], **overrides: Any) -> SamplingParams:
-        stops = tuple(self.stop or ()) + tuple(stop or ())
-        params = SamplingParams(
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_p=self.top_p,
-            top_k=self.top_k,
-            repetition_penalty=self.repetition_penalty,
-            do_sample=self.do_sample,
-            seed=self.seed,
-            stop_tokens=stop_tokens,
-            stop=stops,
-        )
-        return params.with_(**overrides) if overrides else params
-
-    @property
-    def _model_name(self) -> str:
-        if self.engine is not None:
-            return str(getattr(self.engine, "model_name", "moss"))
-        return self.model or "moss"
-
-    def get_token_ids(self, text: str) -> list[int]:
-        """Token ids under the MOSS tokenizer (no download: the model's own tokenizer)."""
-        return self._engine().token_ids(text)
+_Steps = Generator[_Piece, None, _Outcome]
 
 
 class ChatMoss(MossSettings, BaseChatModel):
     """MOSS as a LangChain chat model.
+
+    Messages render to MOSS's trained layout (see :mod:`moss_agent.messages`). The reply's inner thoughts are
+    in ``additional_kwargs["reasoning_content"]`` and its commands segment in ``additional_kwargs
+    ["moss_commands"]``. Malformed or unknown commands become ``invalid_tool_calls``; nothing the model writes
+    raises (see ``invalid_commands``). ``with_structured_output`` works through tool calling (every ``method``
+    does).
 
     Example:
         .. code-block:: python
@@ -174,6 +80,13 @@ class ChatMoss(MossSettings, BaseChatModel):
             reply.tool_calls  # [{"name": "Calculate", "args": {"expression": "3.14*12^2"}, ...}]
     """
 
+    streaming: bool = False
+    """Generate token by token inside ``invoke`` too (callbacks then see each token)."""
+    invalid_commands: Literal["return", "answer"] = "return"
+    """When every command MOSS writes is malformed or unknown (tool choice ``auto``): ``return`` the message
+    with only ``invalid_tool_calls``; ``answer``: MOSS reads the errors as its results and replies in the same
+    call, for agent loops that end on a message without valid tool calls (langchain's ``create_agent``)."""
+
     @property
     def _llm_type(self) -> str:
         return "moss"
@@ -181,6 +94,11 @@ class ChatMoss(MossSettings, BaseChatModel):
     @property
     def _identifying_params(self) -> dict[str, Any]:
         return {"model": self._model_name, "temperature": self.temperature, "top_p": self.top_p}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop, **kwargs)
+        self._ls_params(params, stop, kwargs)
+        return params
 
     def bind_tools(
         self,
@@ -191,115 +109,142 @@ class ChatMoss(MossSettings, BaseChatModel):
     ) -> Runnable[LanguageModelInput, AIMessage]:
         """Bind tools: MOSS's four plugins are recognised by name, others get a switch line of the same shape.
 
+        MOSS was trained on its four plugins only (``Search``, ``Calculate``, ``Solve``, ``Text2Image``); it
+        calls other tools less reliably.
+
         Args:
             tools: LangChain tools, functions, pydantic models or OpenAI tool dicts.
             tool_choice: ``None``/``"auto"`` lets MOSS choose; ``"none"`` disables tools for the call; a tool
-                name (or ``{"function": {"name": ...}}``), ``"any"``, ``"required"`` or ``True`` force a call,
-                by writing the start of the command into the commands segment.
+                name (or ``{"function": {"name": ...}}``), ``"any"``, ``"required"`` or ``True`` force a call:
+                when MOSS's pass 1 calls no fitting tool, the commands segment is prefilled with the start of the
+                command (the named tool; for ``"any"``, the tool MOSS tried, else the first one).
             **kwargs: Passed on to ``bind``.
+
+        Raises:
+            ValueError: For tools that cannot be written as commands, or a ``tool_choice`` naming no tool.
         """
         from langchain_core.utils.function_calling import convert_to_openai_tool
 
         formatted = [convert_to_openai_tool(t) for t in tools]
-        bind_tools(formatted)  # validate now rather than on the first call
+        resolve_tool_choice(tool_choice, bind_tools(formatted))  # validate now rather than on the first call
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
     # ------------------------------------------------------------------ the protocol
 
     def _prepare(
         self, messages: list[BaseMessage], kwargs: dict[str, Any]
-    ) -> tuple[RenderedChat, list[BoundTool], str | None]:
+    ) -> tuple[RenderedChat, ToolChoice, list[BoundTool]]:
+        self._check_model(kwargs)
         tools = bind_tools(kwargs.get("tools") or [])
-        choice = _forced_tool(kwargs.get("tool_choice"), tools)
-        if kwargs.get("tool_choice") == "none":
+        choice = resolve_tool_choice(kwargs.get("tool_choice"), tools)
+        if choice == "none":
             tools = []
         rendered = render_messages(messages, tools, style=self.switch_style)
-        if rendered.pending is None:
+        pending = rendered.pending
+        if pending is None:
             raise ValueError(
                 "the last message is already MOSS's reply; end the messages with a HumanMessage or ToolMessage"
             )
-        return rendered, tools, choice
+        if pending.commands not in (None, fmt.NONE) and pending.results is None:
+            raise ValueError(
+                "the last AIMessage has tool calls that no ToolMessage answers; add one ToolMessage per tool call "
+                "(with its tool_call_id) before calling the model again"
+            )
+        return rendered, choice, tools
 
-    def _steps(
-        self,
-        messages: list[BaseMessage],
-        stop: list[str] | None,
-        kwargs: dict[str, Any],
-        run: _Run,
-    ) -> Iterator[_Step | _Outcome]:
-        """The passes of one call; ``run`` generates (streaming or not) and yields deltas.
-
-        Yields partial steps as text arrives, and finally the outcome.
-        """
-        rendered, tools, forced = self._prepare(messages, kwargs)
+    def _steps(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any], run: _Run) -> _Steps:
+        """The passes of one call: yields text pieces as they come, returns the outcome."""
+        rendered, choice, tools = self._prepare(messages, kwargs)
+        options = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS}
         pending = rendered.pending
         assert pending is not None
-        outcome = _Outcome(thoughts=pending.inner_thoughts, commands=pending.commands)
-        history = rendered.history
-
-        if pending.results is not None or not tools:
-            if pending.results is not None:
-                prompt = history + _pass2_prefix(pending) + fmt.MOSS + ":"
-            else:
-                prompt = fmt.chat_prompt(rendered.system, rendered.turns, pending.human)
-            yield from self._reply(prompt, stop, run, outcome)
-            yield outcome
-            return
+        outcome = _Outcome()
+        if pending.results is not None:  # the tools have answered: pass 2
+            prompt = rendered.history + _pass2_prefix(pending) + fmt.MOSS + ":"
+            yield from self._reply(prompt, stop, options, run, outcome)
+            return outcome
+        if not tools:
+            prompt = fmt.chat_prompt(rendered.system, rendered.turns, pending.human)
+            yield from self._reply(prompt, stop, options, run, outcome)
+            return outcome
 
         pass1 = fmt.plugin_pass1_prompt(rendered.system, rendered.turns, pending.human)
-        if forced is None:
-            generated = self._collect(pass1, self._params(stop, (fmt.EOC, fmt.EOM)), run)
-            parsed = parser.parse_pass1(generated.text, generated.stop_reason)
-        else:
-            # Forced choice: let MOSS think, then write the start of the command for it.
-            thought = self._collect(pass1, self._params(stop, (fmt.EOT, fmt.EOC, fmt.EOM)), run)
-            head = parser.parse_pass1(thought.text, thought.stop_reason).inner_thoughts
-            opened = f' {head}{fmt.EOT}\n{fmt.COMMANDS}: {forced}("'
-            generated = self._collect(pass1 + opened, self._params(stop, (fmt.EOC, fmt.EOM)), run)
-            outcome.generations.append(thought)
-            parsed = parser.parse_pass1(opened + generated.text, generated.stop_reason)
-        outcome.generations.append(generated)
+        parsed = yield from self._pass1(pass1, "", options, run, outcome)
+        calls = [to_tool_call(c, tools) for c in parsed.commands]
+        target = _forced_target(choice, calls, tools)
+        if target is not None:  # a forced choice MOSS did not make: write the start of the command for it
+            opened = f' {parsed.inner_thoughts}{fmt.EOT}\n{fmt.COMMANDS}: {target.command}("'
+            parsed = yield from self._pass1(pass1 + opened, opened, options, run, outcome)
+            calls = [to_tool_call(c, tools) for c in parsed.commands]
         outcome.thoughts = parsed.inner_thoughts
-        outcome.commands = parsed.commands_text
-        for command in parsed.commands:
-            call = to_tool_call(command, tools)
-            (outcome.tool_calls if call.get("type") == "tool_call" else outcome.invalid).append(call)
-        outcome.invalid.extend(_invalid_from_parser(bad) for bad in parsed.invalid)
-        if outcome.tool_calls or outcome.invalid:
-            yield outcome
-            return
-        if parsed.reply:  # MOSS skipped the results and answered in pass 1
-            outcome.reply = parsed.reply
-            yield _Step("reply", parsed.reply)
-            yield outcome
-            return
+        outcome.commands = parsed.raw_commands if parsed.invalid else parsed.commands_text
+        for call in calls:
+            (outcome.tool_calls if call["type"] == "tool_call" else outcome.invalid).append(call)
+        outcome.invalid.extend(
+            invalid_tool_call(name=None, args=bad.text, id=new_call_id(), error=bad.error) for bad in parsed.invalid
+        )
+        if outcome.tool_calls:
+            return outcome
+        if outcome.invalid and (self.invalid_commands == "return" or choice != "auto"):
+            return outcome
+        if outcome.invalid:  # nothing to run: MOSS reads the errors as its results and answers (as MossAgent does)
+            outcome.results = "\n" + "".join(
+                format_result_entry(str(c["args"]), str(c["error"]), "inline") for c in outcome.invalid
+            )
+            written = f" {parsed.inner_thoughts}{fmt.EOT}\n" + fmt.segment(fmt.COMMANDS, outcome.commands)
+            prompt = pass1 + written + fmt.segment(fmt.RESULTS, outcome.results) + fmt.MOSS + ":"
+            yield from self._reply(prompt, stop, options, run, outcome)
+            return outcome
+        if parsed.reply is not None:  # MOSS skipped the results and answered in pass 1
+            outcome.reply = _cut(parsed.reply, self._params(stop, ()).stop)
+            yield _Piece("reply", outcome.reply)
+            return outcome
         # No command: MOSS answers straight away (results None), continuing from the cached prefix.
         prompt = pass1 + parsed.repaired + fmt.segment(fmt.RESULTS, "\nNone\n") + fmt.MOSS + ":"
-        yield from self._reply(prompt, stop, run, outcome)
-        yield outcome
+        yield from self._reply(prompt, stop, options, run, outcome)
+        return outcome
 
-    def _reply(self, prompt: str, stop: list[str] | None, run: _Run, outcome: _Outcome) -> Iterator[_Step]:
-        """Generate a reply, yielding its text as it comes (never part of an end token or role tag)."""
-        stream = parser.StreamParser("reply")
+    def _pass1(
+        self, prompt: str, opened: str, options: dict[str, Any], run: _Run, outcome: _Outcome
+    ) -> Generator[_Piece, None, parser.Pass1]:
+        """Generate pass 1 after ``prompt`` (whose prefilled tail ``opened`` belongs to pass 1's text).
+
+        Yields the inner thoughts as they come (not those of ``opened``, already sent); user stop strings do
+        not apply (they would cut the commands).
+        """
+        stream = parser.StreamParser("pass1")
+        stream.feed(opened)
+        thoughts = _Thoughts()
         final: Generation | None = None
-        for delta in run(prompt, self._params(stop, (fmt.EOM,))):
+        for delta in run(prompt, self._params((), (fmt.EOC, fmt.EOM), options)):
             for event in stream.feed(delta.text):
-                yield _Step("reply", event.text)
+                if event.kind == "thoughts" and not opened:
+                    yield from thoughts.feed(event.text)
             final = delta.generation or final
         assert final is not None, "the engine ended without a Generation"
         for event in stream.finish(final.stop_reason):
-            yield _Step("reply", event.text)
+            if event.kind == "thoughts" and not opened:
+                yield from thoughts.feed(event.text)
+        yield from thoughts.finish()
         outcome.generations.append(final)
-        outcome.reply = stream.reply.text if stream.reply else ""
+        assert stream.pass1 is not None
+        return stream.pass1
 
-    @staticmethod
-    def _collect(prompt: str, params: SamplingParams, run: _Run) -> Generation:
-        """Generate pass 1 whole (it is delivered as tool calls, not as text)."""
+    def _reply(
+        self, prompt: str, stop: list[str] | None, options: dict[str, Any], run: _Run, outcome: _Outcome
+    ) -> Iterator[_Piece]:
+        """Generate a reply, yielding its text as it comes (never part of an end token or role tag)."""
+        stream = parser.StreamParser("reply")
         final: Generation | None = None
-        for delta in run(prompt, params):
+        for delta in run(prompt, self._params(stop, (fmt.EOM,), options)):
+            for event in stream.feed(delta.text):
+                yield _Piece("reply", event.text)
             final = delta.generation or final
         assert final is not None, "the engine ended without a Generation"
-        return final
+        for event in stream.finish(final.stop_reason):
+            yield _Piece("reply", event.text)
+        outcome.generations.append(final)
+        outcome.reply = stream.reply.text if stream.reply else ""
 
     # ------------------------------------------------------------------ LangChain entry points
 
@@ -310,15 +255,20 @@ class ChatMoss(MossSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        engine = self._engine()
+        engine = self.get_engine()
 
         def run(prompt: str, params: SamplingParams) -> Iterator[Delta]:
             generation = engine.generate(prompt, params)
             yield Delta(generation.text, generation)
 
-        outcome = _last(self._steps(messages, stop, kwargs, run))
-        message = self._message(outcome)
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        steps = self._steps(messages, stop, kwargs, run)
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                outcome: _Outcome = done.value
+                break
+        return ChatResult(generations=[ChatGeneration(message=self._message(outcome))])
 
     def _stream(
         self,
@@ -327,28 +277,31 @@ class ChatMoss(MossSettings, BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        engine = self._engine()
-
-        def run(prompt: str, params: SamplingParams) -> Iterator[Delta]:
-            return engine.stream(prompt, params)
-
-        for item in self._steps(messages, stop, kwargs, run):
-            if isinstance(item, _Step):
-                chunk = ChatGenerationChunk(message=AIMessageChunk(content=item.text))
-                if run_manager:
-                    run_manager.on_llm_new_token(item.text, chunk=chunk)
-                yield chunk
+        engine = self.get_engine()
+        steps = self._steps(messages, stop, kwargs, engine.stream)
+        while True:
+            try:
+                piece = next(steps)
+            except StopIteration as done:
+                yield ChatGenerationChunk(message=self._final_chunk(done.value))
+                return
+            if piece.kind == "thoughts":
+                message = AIMessageChunk(content="", additional_kwargs={REASONING: piece.text})
             else:
-                yield ChatGenerationChunk(message=self._final_chunk(item))
+                message = AIMessageChunk(content=piece.text)
+            chunk = ChatGenerationChunk(message=message)
+            if run_manager and piece.kind == "reply":
+                run_manager.on_llm_new_token(piece.text, chunk=chunk)
+            yield chunk
 
     # ------------------------------------------------------------------ building messages
 
     def _metadata(self, outcome: _Outcome) -> tuple[dict[str, Any], dict[str, Any], UsageMetadata]:
         extra: dict[str, Any] = {}
-        if outcome.thoughts and outcome.thoughts != fmt.NONE:
-            extra[REASONING] = outcome.thoughts
         if outcome.commands is not None:
             extra[RAW_COMMANDS] = outcome.commands
+        if outcome.results is not None:
+            extra[RAW_RESULTS] = outcome.results
         last = outcome.generations[-1] if outcome.generations else None
         if outcome.tool_calls:
             finish = "tool_calls"
@@ -365,6 +318,8 @@ class ChatMoss(MossSettings, BaseChatModel):
 
     def _message(self, outcome: _Outcome) -> AIMessage:
         extra, meta, usage = self._metadata(outcome)
+        if outcome.thoughts and outcome.thoughts != fmt.NONE:
+            extra = {REASONING: outcome.thoughts, **extra}
         return AIMessage(
             content=outcome.reply,
             tool_calls=outcome.tool_calls,
@@ -375,23 +330,40 @@ class ChatMoss(MossSettings, BaseChatModel):
         )
 
     def _final_chunk(self, outcome: _Outcome) -> AIMessageChunk:
+        """The last chunk: the tool calls (all at once, as pass 1 ended at ``<eoc>``), metadata and usage."""
         extra, meta, usage = self._metadata(outcome)
-        chunks = [
-            {"name": c["name"], "args": json.dumps(c["args"], ensure_ascii=False), "id": c["id"], "index": i}
-            for i, c in enumerate(outcome.tool_calls)
-        ]
-        chunks += [
-            {"name": c.get("name"), "args": c.get("args"), "id": c.get("id"), "index": len(chunks) + i}
-            for i, c in enumerate(outcome.invalid)
-        ]
+        calls = [(c["name"], json.dumps(c["args"], ensure_ascii=False), c["id"]) for c in outcome.tool_calls]
+        calls += [(c.get("name"), c.get("args"), c.get("id")) for c in outcome.invalid]
         return AIMessageChunk(
             content="",
-            tool_call_chunks=chunks,
+            tool_call_chunks=[
+                {"name": name, "args": args, "id": call_id, "index": i} for i, (name, args, call_id) in enumerate(calls)
+            ],
             additional_kwargs=extra,
             response_metadata=meta,
             usage_metadata=usage,
             chunk_position="last",
         )
+
+
+class _Thoughts:
+    """Streams inner thoughts, holding back a text that may still be the ``None`` of a turn without any."""
+
+    def __init__(self) -> None:
+        self._held: str | None = ""  # None once the thoughts are known not to be "None"
+
+    def feed(self, text: str) -> Iterator[_Piece]:
+        if self._held is not None:
+            self._held += text
+            if fmt.NONE.startswith(self._held):
+                return
+            text, self._held = self._held, None
+        yield _Piece("thoughts", text)
+
+    def finish(self) -> Iterator[_Piece]:
+        if self._held and self._held != fmt.NONE:
+            yield _Piece("thoughts", self._held)
+        self._held = None
 
 
 def _pass2_prefix(pending: PendingTurn) -> str:
@@ -404,50 +376,33 @@ def _pass2_prefix(pending: PendingTurn) -> str:
     )
 
 
-def _forced_tool(choice: Any, tools: Sequence[BoundTool]) -> str | None:
-    """The command to prefill for a forced ``tool_choice``, or None when MOSS chooses."""
-    if choice in (None, "auto", "none", False) or not tools:
+def _forced_target(choice: ToolChoice, calls: Sequence[Any], tools: Sequence[BoundTool]) -> BoundTool | None:
+    """The tool whose command to prefill when a forced choice was not met by pass 1, else None."""
+    if choice in ("auto", "none"):
         return None
-    if isinstance(choice, dict):
-        choice = (choice.get("function") or {}).get("name") or choice.get("name")
-    if choice in ("any", "required", True):
-        if len(tools) == 1:
-            return tools[0].command
+    valid = [c["name"] for c in calls if c["type"] == "tool_call"]
+    if isinstance(choice, BoundTool):
+        return None if choice.name in valid else choice
+    if valid:
         return None
-    match = next((t for t in tools if choice in (t.name, t.command)), None)
-    if match is None:
-        raise ValueError(f"tool_choice {choice!r} names no bound tool ({', '.join(t.name for t in tools)})")
-    return match.command
+    tried = [t for c in calls for t in tools if c["name"] == t.name]  # a call to a bound tool with bad args
+    return tried[0] if tried else tools[0]
 
 
-def _invalid_from_parser(bad: Any) -> Any:
-    from langchain_core.messages.tool import invalid_tool_call
-
-    from moss_agent.tool_binding import new_call_id
-
-    return invalid_tool_call(name=None, args=bad.text, id=new_call_id(), error=bad.error)
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first stop string in it."""
+    cuts = [i for s in stops if s and (i := text.find(s)) >= 0]
+    return text[: min(cuts)].rstrip() if cuts else text
 
 
 def _usage(generations: Sequence[Generation]) -> UsageMetadata:
-    """Token usage over the passes: every prompt token the model was given once, every generated token."""
-    seen_input = 0
-    output = 0
-    cached = 0
-    previous_total = 0
-    for g in generations:
-        # A later pass re-reads the previous prompt and output; count only what is new to it.
-        seen_input += max(g.prompt_tokens - previous_total, 0) if previous_total else g.prompt_tokens
-        output += g.completion_tokens
-        cached += g.cached_tokens
-        previous_total = g.prompt_tokens + g.completion_tokens
-    usage = UsageMetadata(input_tokens=seen_input, output_tokens=output, total_tokens=seen_input + output)
+    """Token usage summed over the passes; ``cache_read`` counts prompt tokens served from the KV cache."""
+    input_tokens = sum(g.prompt_tokens for g in generations)
+    output_tokens = sum(g.completion_tokens for g in generations)
+    usage = UsageMetadata(
+        input_tokens=input_tokens, output_tokens=output_tokens, total_tokens=input_tokens + output_tokens
+    )
+    cached = sum(g.cached_tokens for g in generations)
     if cached:
         usage["input_token_details"] = {"cache_read": cached}
     return usage
-
-
-def _last(items: Iterator[Any]) -> Any:
-    result = None
-    for result in items:  # noqa: B007 - the last item is the outcome
-        pass
-    return result

@@ -98,7 +98,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     printer = _Printer(sys.stdout, sys.stdout.isatty())
     print(f"Loading {args.model} ...", file=sys.stderr)
     agent = _agent(args, args.model)
-    agent.chat._engine()  # load now, not in the middle of the first answer
+    agent.chat.get_engine()  # load now, not in the middle of the first answer
     print("Ready. Empty line or Ctrl-D to quit.", file=sys.stderr)
     while True:
         try:

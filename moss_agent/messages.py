@@ -206,6 +206,7 @@ class _Open:
     thoughts: list[str] = field(default_factory=list)
     calls: list[tuple[str, Command]] = field(default_factory=list)
     outputs: dict[str, str] = field(default_factory=dict)
+    invalid: dict[str, str] = field(default_factory=dict)  # invalid tool call id -> the command as written
     reply: list[str] = field(default_factory=list)
     raw_commands: str | None = None
     raw_results: str | None = None
@@ -289,8 +290,8 @@ def _group(
         if kind == "human" and (current is None or current.has_ai):
             current = _Open()
             turns.append(current)
-        elif current is None or (kind == "ai" and current.reply):
-            current = _Open()  # a message before any HumanMessage, or an AI message after the reply
+        elif current is None or (kind == "ai" and current.reply and _calls_tools(message)):
+            current = _Open()  # a message before any HumanMessage, or a tool-calling AI message after the reply
             turns.append(current)
         _add(current, message, kind, scrub_untrusted, command_for)
     return systems, meta, turns
@@ -314,7 +315,7 @@ def _add(
         return
     if kind == "tool":
         assert isinstance(message, ToolMessage)
-        if message.tool_call_id not in {call_id for call_id, _ in turn.calls}:
+        if message.tool_call_id not in {call_id for call_id, _ in turn.calls} | set(turn.invalid):
             raise ValueError(
                 f"ToolMessage {message.tool_call_id!r} answers no tool call of its turn; put it after the "
                 "AIMessage whose tool_calls carry that id"
@@ -329,6 +330,9 @@ def _add(
     turn.raw_commands = kwargs.get(RAW_COMMANDS, turn.raw_commands)
     turn.raw_results = kwargs.get(RAW_RESULTS, turn.raw_results)
     reasoning = kwargs.get(REASONING)
+    for bad in message.invalid_tool_calls:
+        if bad.get("id"):  # answered by an error ToolMessage (LangChain agents do so): shown as a result
+            turn.invalid[str(bad["id"])] = str(bad.get("args") or bad.get("name") or "")
     if message.tool_calls:
         thoughts = reasoning if isinstance(reasoning, str) else message_text(message).strip()
         if thoughts:
@@ -339,7 +343,13 @@ def _add(
         return
     if isinstance(reasoning, str) and not turn.thoughts:
         turn.thoughts.append(reasoning)
+    if message.invalid_tool_calls and not message_text(message):
+        return  # only malformed commands: the turn waits for their error results
     turn.reply.append(message_text(message))
+
+
+def _calls_tools(message: BaseMessage) -> bool:
+    return bool(isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls))
 
 
 def _build_turn(turn: _Open, plugins_on: bool) -> MossTurn:
@@ -352,6 +362,13 @@ def _build_turn(turn: _Open, plugins_on: bool) -> MossTurn:
         results = results_from_outputs(pairs, scrub_untrusted=False)
     else:
         results = fmt.results_body(None, plugins_on=plugins_on)
+    errors = [
+        _plugins.format_result_entry(text, turn.outputs[i], "inline")
+        for i, text in turn.invalid.items()
+        if i in turn.outputs
+    ]
+    if errors and turn.raw_results is None:
+        results = (results if commands and results.startswith("\n") else "\n") + "".join(errors)
     return MossTurn(
         human="\n".join(turn.human),
         reply="\n".join(turn.reply),
