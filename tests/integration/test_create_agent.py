@@ -138,16 +138,21 @@ def test_with_a_rule_based_model_both_agents_write_the_same_conversation(tools: 
     assert [t.to_text() for t in turns] == [t.to_text() for t in native.history]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ChatMoss returns only invalid_tool_calls when every command is bad; langchain 1.5 create_agent routes "
-    "such a message to END, so the turn ends with an empty reply instead of telling MOSS (MossAgent does)",
-)
 def test_create_agent_tells_moss_about_an_unknown_command(tools: list[BaseTool]) -> None:
+    # langchain 1.5's create_agent ends the loop on a message with only invalid_tool_calls; with
+    # invalid_commands="answer" ChatMoss lets MOSS read the errors as results and reply in the same call.
     engine = ScriptedEngine([' Hm.<eot>\n<|Commands|>: Foo("x")<eoc>', " I cannot do that.<eom>"])
-    agent = create_agent(ChatMoss(engine=engine), tools)
+    agent = create_agent(ChatMoss(engine=engine, invalid_commands="answer"), tools)
     state = agent.invoke({"messages": [("user", "foo?")]})
     assert state["messages"][-1].content == "I cannot do that."
+    assert 'Foo("x") => ' in engine.calls[-1].prompt
+
+
+def test_by_default_create_agent_ends_on_only_invalid_calls(tools: list[BaseTool]) -> None:
+    # The default keeps LangChain's convention (invalid_tool_calls returned to the caller); documented in README.
+    engine = ScriptedEngine([' Hm.<eot>\n<|Commands|>: Foo("x")<eoc>'])
+    state = create_agent(ChatMoss(engine=engine), tools).invoke({"messages": [("user", "foo?")]})
+    assert state["messages"][-1].invalid_tool_calls
 
 
 # ---------------------------------------------------------------- a real transformers engine
