@@ -1,8 +1,9 @@
-"""The ``moss-agent`` command: plan, chat and demo.
+"""The ``moss-agent`` command: plan, chat, demo, convert and serve.
 
 ``moss-agent plan MODEL`` prints the load plan without reading a weight; ``moss-agent chat --model M`` chats in
 the terminal with MOSS's plugins; ``moss-agent demo`` runs a plugin conversation end to end on the small
-demonstration model that the project trains itself (or on ``--model``).
+demonstration model that the project trains itself (or on ``--model``); ``moss-agent convert`` writes a standard
+GPT-J / CodeGen checkpoint for serving engines; ``moss-agent serve`` runs the OpenAI-compatible backend.
 """
 
 from __future__ import annotations
@@ -88,9 +89,17 @@ def _agent(args: argparse.Namespace, model: str) -> Any:
     )
     memory = None
     if getattr(args, "session", None):
-        from moss_agent.memory import SQLiteMemory
+        from moss_agent.memory import TokenBudgetMemory
+        from moss_agent.memory_store import SQLiteStore
 
-        memory = SQLiteMemory(args.db, session_id=args.session)
+        # Both plugin passes generate, and the results come in between: keep room for all of it.
+        memory = TokenBudgetMemory.for_engine(
+            chat.get_engine(),
+            max_new_tokens=2 * args.max_new_tokens,
+            reserve_tokens=256,
+            store=SQLiteStore(args.db),
+            session_id=args.session,
+        )
     return MossAgent(chat, tools=_tools(_plugin_keys(args.plugins), args), memory=memory)
 
 
@@ -180,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--db", default="moss-agent.sqlite3", help="SQLite file for --session")
         else:
             p.add_argument("questions", nargs="*", help="questions to ask instead of the built-in script")
+    from moss_agent.convert import add_convert_parser
+    from moss_agent.server import add_serve_parser
+
+    add_convert_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

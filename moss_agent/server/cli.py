@@ -1,0 +1,91 @@
+"""The ``moss-agent serve`` subcommand (wired into :mod:`moss_agent.cli` by :func:`add_serve_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from typing import Any
+
+__all__ = ["add_serve_parser"]
+
+PLUGIN_KEYS = ("search", "calculator", "solver", "text2image")
+_PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int4"]
+
+
+def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``serve`` to the ``moss-agent`` subcommands.
+
+    Args:
+        subparsers: What ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The ``serve`` parser (its ``func`` default runs the server).
+    """
+    p = subparsers.add_parser("serve", help="serve MOSS with its plugins over an OpenAI-compatible API and a chat page")
+    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--precision", default="auto", choices=_PRECISIONS)
+    p.add_argument("--plugins", default=",".join(PLUGIN_KEYS), help="comma-separated: " + ",".join(PLUGIN_KEYS))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=os.environ.get("MOSS_AGENT_API_KEY"), help="bearer token (or $MOSS_AGENT_API_KEY)"
+    )
+    p.add_argument("--db", default="moss-agent.sqlite3", help="SQLite file for conversations")
+    p.add_argument("--image-dir", default="moss_images", help="where Text2Image saves pictures")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--max-request-bytes", type=int, default=1_000_000)
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
+    p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for the model")
+    p.set_defaults(func=_cmd_serve)
+    return p
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from moss_agent.chat_model import ChatMoss
+    from moss_agent.engine import TransformersEngine
+    from moss_agent.memory_store import SQLiteStore
+    from moss_agent.server.app import create_app
+    from moss_agent.server.schemas import ServerSettings
+    from moss_agent.tools import make_tools
+
+    if "://" in args.model:
+        raise SystemExit(
+            f"--model {args.model}: serving a remote model by URL needs a remote engine; give a checkpoint "
+            "directory or hub id"
+        )
+    keys = [k.strip() for k in args.plugins.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in PLUGIN_KEYS]
+    if unknown:
+        raise SystemExit(f"unknown plugin(s) {unknown}; choose from {', '.join(PLUGIN_KEYS)}")
+    if not args.api_key and not _loopback(args.host):
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    print(f"Loading {args.model} ...", file=sys.stderr)
+    engine = TransformersEngine.from_pretrained(args.model, precision=args.precision)  # before the first request
+    settings = ServerSettings(
+        api_key=args.api_key or None,
+        max_request_bytes=args.max_request_bytes,
+        max_tokens_limit=args.max_tokens_limit,
+        request_timeout_s=args.timeout,
+        max_queue=args.max_queue,
+    )
+    app = create_app(
+        ChatMoss(engine=engine),
+        tools=make_tools(keys, output_dir=args.image_dir),
+        store=SQLiteStore(args.db),
+        image_dir=args.image_dir,
+        settings=settings,
+    )
+    print(f"Chat page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
