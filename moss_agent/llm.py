@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseLLM
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
 from moss_agent import format as fmt
 from moss_agent.engine import Engine, Generation, SamplingParams
@@ -87,6 +88,16 @@ class MossSettings(BaseModel):
     """Extra stop strings: they end MOSS's reply (inner thoughts and commands are never cut)."""
     switch_style: fmt.SwitchStyle = "trained"
     """Form of the switch block: ``trained``, ``readme``, ``production`` or ``none``."""
+    base_url: str | None = None
+    """An OpenAI-compatible server (``http://host:8000/v1``: vLLM, ``transformers serve``) that serves ``model``
+    (see ``moss-agent convert``); generation then happens there instead of loading weights here."""
+    api_key: SecretStr | None = None
+    """The server's API key (else ``$MOSS_AGENT_API_KEY``)."""
+    dialect: Literal["openai", "vllm", "transformers"] = "openai"
+    """The server's kind, which tells how it reports the stop token that ended a generation."""
+    tokenizer: str | None = None
+    """A local MOSS tokenizer directory for exact token counts with ``base_url`` (default: ``model`` when it is
+    a local directory)."""
 
     _holder: EngineHolder | None = PrivateAttr(default=None)
     _tokenizer: Any = PrivateAttr(default=None)
@@ -107,6 +118,12 @@ class MossSettings(BaseModel):
             model, kwargs = self.model, self._load_kwargs()
 
             def build() -> Engine:
+                if self.base_url:
+                    from moss_agent.remote import RemoteEngine
+
+                    local = self.tokenizer or (model if Path(model).is_dir() else None)
+                    key = self.api_key.get_secret_value() if self.api_key else None
+                    return RemoteEngine(self.base_url, model=model, api_key=key, dialect=self.dialect, tokenizer=local)
                 from moss_agent.engine import TransformersEngine
 
                 return TransformersEngine.from_pretrained(model, **kwargs)
@@ -163,7 +180,7 @@ class MossSettings(BaseModel):
         Before the model is loaded, only the tokenizer files are read (no weights; a hub id is fetched only
         when it is not cached and the hub is reachable).
         """
-        if self.engine is not None or (self._holder is not None and self._holder.loaded):
+        if self.engine is not None or self.base_url or (self._holder is not None and self._holder.loaded):
             return self.get_engine().token_ids(text)
         if self._tokenizer is None:
             if not self.model:

@@ -12,7 +12,18 @@ HEAVY = ("torch", "transformers", "diffusers", "sympy")
 
 @pytest.mark.parametrize(
     "module",
-    ["moss_agent", "moss_agent.format", "moss_agent.plugins", "moss_agent.parser", "moss_agent.data"],
+    [
+        "moss_agent",
+        "moss_agent.format",
+        "moss_agent.plugins",
+        "moss_agent.parser",
+        "moss_agent.data",
+        "moss_agent.chat_model",
+        "moss_agent.agent",
+        "moss_agent.remote",
+        "moss_agent.convert",
+        "moss_agent.cli",
+    ],
 )
 def test_import_is_light(module):
     code = f"import sys, {module}; print(','.join(m for m in {HEAVY!r} if m in sys.modules))"

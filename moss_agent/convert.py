@@ -1,0 +1,482 @@
+"""MOSS checkpoints to standard Hugging Face GPT-J or CodeGen checkpoints, shard by shard.
+
+The result needs no remote code: safetensors shards with an index, ``config.json`` with ``model_type`` ``gptj`` or
+``codegen``, ``generation_config.json`` with ``<eom>`` as eos and the release's sampling defaults, and a fast
+tokenizer (``tokenizer.json`` + ``tokenizer_config.json``) with MOSS's added tokens. GPT-J is the format serving
+engines know (vLLM registers ``GPTJForCausalLM``, not CodeGen).
+
+CodeGen's fused ``qkv_proj`` rows come in 4 model-parallel groups, each ``[q | v | k]`` of ``n_embd / 4`` rows;
+taking each kind's rows out of every group and concatenating them gives GPT-J's ``q_proj`` / ``k_proj`` /
+``v_proj`` exactly (the heads keep their order). Every other tensor keeps its name, but the ``lm_head`` bias of
+the vocabulary's padding rows, which no token uses, becomes :data:`PADDING_BIAS`: the local engine never picks
+those rows, and now no server does either.
+
+Memory: source ``.bin`` shards are memory-mapped (``torch.load(mmap=True)``), safetensors shards are read one
+tensor at a time, and an output shard is written (safetensors writes from the tensors' memory, no copy) as soon
+as it reaches ``max_shard_size``. Private memory therefore stays near one output shard plus the tensor being
+cast or split; mapped source pages are clean page cache that the kernel reclaims under pressure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from moss_agent import format as fmt
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "DTYPES",
+    "PADDING_BIAS",
+    "PROBE",
+    "ConversionError",
+    "ConversionReport",
+    "add_convert_parser",
+    "convert",
+    "split_qkv",
+    "verify_conversion",
+]
+
+Format = Literal["gptj", "codegen"]
+DTYPES: dict[str, str] = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+"""The ``--dtype`` choices and their torch names."""
+MP_NUM = 4
+"""Model-parallel groups of CodeGen's fused qkv projection (fixed in CodeGen's and MOSS's code)."""
+DEFAULT_SHARD_SIZE = 2 * 1024**3
+PROBE = (
+    fmt.system_prompt(["Search", "Calculate"])
+    + fmt.segment(fmt.HUMAN, "What is 2+2? 请用中文回答。")
+    + fmt.segment(fmt.THOUGHTS, "The user asks a sum.")
+    + f'{fmt.COMMANDS}: Calculate("2+2"){fmt.EOC}\n{fmt.MOSS}: 2+2=4{fmt.EOM}\n'
+)
+"""The text whose logits :func:`verify_conversion` compares: MOSS layout, English, Chinese, end tokens."""
+_DROPPED = (".attn.causal_mask", ".attn.masked_bias", ".attn.bias")  # non-learned buffers of the MOSS code
+_RELEASE_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 40, "repetition_penalty": 1.02}
+_CONFIG_KEYS = (
+    "vocab_size n_positions n_embd n_layer n_head rotary_dim n_inner activation_function resid_pdrop embd_pdrop "
+    "attn_pdrop layer_norm_epsilon initializer_range use_cache"
+).split()
+PADDING_BIAS = -1e4
+"""``lm_head`` bias written for the padding rows of the vocabulary (107008 rows for 106072 tokens in the release):
+the local engine never picks a row without a token, and with this bias no server does either."""
+_TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2, "float16": 1e-2}
+"""Largest logit difference allowed by verification, relative to the largest source logit (at least 1)."""
+
+
+class ConversionError(ValueError):
+    """A checkpoint that cannot be converted, a destination in the way, or a failed verification."""
+
+
+@dataclass(frozen=True)
+class ConversionReport:
+    """What :func:`convert` wrote.
+
+    Attributes:
+        path: The converted checkpoint directory.
+        format: ``gptj`` or ``codegen``.
+        dtype: Torch name of the floating-point dtype written.
+        parameters: Parameters written.
+        total_bytes: Bytes of tensor data written.
+        shards: Safetensors files written.
+        seconds: Wall time of the conversion (verification excluded).
+        max_abs_diff: Largest logit difference on :data:`PROBE` when verified, else None.
+        argmax_agreement: Fraction of probe positions whose top token agrees, when verified.
+    """
+
+    path: Path
+    format: str
+    dtype: str
+    parameters: int
+    total_bytes: int
+    shards: int
+    seconds: float
+    max_abs_diff: float | None = None
+    argmax_agreement: float | None = None
+
+
+# ---------------------------------------------------------------- tensors
+
+
+def split_qkv(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CodeGen's fused ``qkv_proj`` weight ``(3 * n_embd, n_embd)`` as GPT-J's ``(q, k, v)`` weights.
+
+    Raises:
+        ConversionError: When the shape is not ``(3 * n, n)`` with ``n`` divisible by 4.
+    """
+    rows, cols = weight.shape
+    if rows != 3 * cols or cols % MP_NUM:
+        raise ConversionError(f"qkv_proj weight of shape {tuple(weight.shape)} is not (3n, n) with n divisible by 4")
+    groups = weight.reshape(MP_NUM, 3, cols // MP_NUM, cols)  # group, [q | v | k], rows of the group
+    q, v, k = (groups[:, i].reshape(cols, cols).contiguous() for i in range(3))
+    return q, k, v
+
+
+def _shard_files(src: Path) -> list[Path]:
+    """The weight files of a checkpoint, in index order."""
+    for index, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        if (src / index).is_file():
+            weight_map = json.loads((src / index).read_text(encoding="utf-8"))["weight_map"]
+            files = [src / f for f in dict.fromkeys(weight_map.values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ConversionError(f"{src} is missing {', '.join(missing)}; re-download the checkpoint")
+            return files
+        if (src / single).is_file():
+            return [src / single]
+    raise ConversionError(f"{src} has no weights (pytorch_model*.bin or model*.safetensors, with an index if sharded)")
+
+
+def _tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of one weight file, without reading the whole file into private memory."""
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # safe_open has keys(), not iteration
+                yield name, f.get_tensor(name)
+        return
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) file: read whole
+    except pickle.UnpicklingError as err:
+        raise ConversionError(f"{file} holds pickled objects other than tensors; refusing to run them") from err
+    names = list(state)
+    for name in names:
+        yield name, state.pop(name)
+    del state
+
+
+def _rename(name: str, tensor: torch.Tensor, target: Format) -> list[tuple[str, torch.Tensor]]:
+    """The target tensors for one source tensor (none for the non-learned buffers)."""
+    if name.endswith(_DROPPED):
+        return []
+    if target == "gptj" and name.endswith(".attn.qkv_proj.weight"):
+        stem = name[: -len("qkv_proj.weight")]
+        q, k, v = split_qkv(tensor)
+        return [(f"{stem}q_proj.weight", q), (f"{stem}k_proj.weight", k), (f"{stem}v_proj.weight", v)]
+    return [(name, tensor)]
+
+
+class _ShardWriter:
+    """Collects tensors and writes a safetensors shard whenever ``limit`` bytes are reached."""
+
+    def __init__(self, out: Path, limit: int) -> None:
+        self.out, self.limit = out, limit
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = self.parameters = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.limit:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.parameters += tensor.numel()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        from safetensors.torch import save_file
+
+        file = self.out / f"part-{len(self.files) + 1:05d}.safetensors"
+        save_file(self.pending, str(file), metadata={"format": "pt"})
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Rename the shards to ``model-0000N-of-0000M.safetensors`` and write the index; returns M."""
+        self.flush()
+        count = len(self.files)
+        if count == 1:
+            self.files[0][0].rename(self.out / "model.safetensors")
+            return 1
+        weight_map: dict[str, str] = {}
+        for n, (file, names) in enumerate(self.files, 1):
+            final = f"model-{n:05d}-of-{count:05d}.safetensors"
+            file.rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(self.out / "model.safetensors.index.json", index)
+        return count
+
+
+# ---------------------------------------------------------------- config and tokenizer
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def _model_config(source: dict[str, Any], target: Format, dtype: str, bos: int | None, eos: int) -> dict[str, Any]:
+    from transformers import __version__
+
+    config: dict[str, Any] = {
+        "architectures": ["GPTJForCausalLM" if target == "gptj" else "CodeGenForCausalLM"],
+        "model_type": target,
+    }
+    config.update({k: source[k] for k in _CONFIG_KEYS if k in source})
+    if target == "codegen":
+        config["n_ctx"] = source.get("n_ctx", source["n_positions"])
+    config.update(bos_token_id=bos, eos_token_id=eos, tie_word_embeddings=False, torch_dtype=dtype)
+    config["transformers_version"] = __version__
+    return config
+
+
+def _write_tokenizer(src: Path, out: Path, n_positions: int) -> tuple[int | None, int, int]:
+    """Write ``tokenizer.json`` and ``tokenizer_config.json``; returns the bos and ``<eom>`` ids and the token count."""
+    from moss_agent.loading import load_tokenizer
+
+    tokenizer, end_ids = load_tokenizer(src)  # MOSS's vocab.json / merges.txt / added tokens, never remote code
+    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    special = {"bos_token": tokenizer.bos_token, "eos_token": fmt.EOM, "unk_token": tokenizer.unk_token}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4.x and 5.x
+        **special,
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "add_prefix_space": False,
+        "clean_up_tokenization_spaces": False,  # decode must give back the exact text
+        "model_max_length": n_positions,
+    }
+    _write_json(out / "tokenizer_config.json", config)
+    _write_json(out / "special_tokens_map.json", special)
+    return tokenizer.bos_token_id, end_ids[fmt.EOM], len(tokenizer)
+
+
+def _check_source(src: Path, config: dict[str, Any]) -> None:
+    from moss_agent.loading import gptq_bits, gptq_error
+    from moss_agent.plan import ModelSpec
+
+    kind = config.get("model_type")
+    if kind == "gptj":
+        raise ConversionError(f"{src} is already a GPT-J checkpoint; serve it as it is")
+    if kind not in ("moss", "codegen"):
+        raise ConversionError(
+            f"{src} has model_type {kind!r}: only MOSS (moss-moon-003) and CodeGen checkpoints convert"
+        )
+    if gptq_bits(src, config):
+        raise gptq_error(ModelSpec.from_config(config, name=src.name), src)
+
+
+# ---------------------------------------------------------------- conversion
+
+
+def convert(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    format: Format = "gptj",  # the CLI's and the issue's name for it
+    dtype: str | None = None,
+    max_shard_size: int = DEFAULT_SHARD_SIZE,
+    overwrite: bool = False,
+    verify: bool = False,
+) -> ConversionReport:
+    """Convert a MOSS checkpoint to a standard GPT-J or CodeGen checkpoint that needs no remote code.
+
+    Args:
+        src: A MOSS checkpoint directory (or hub id, fetched through huggingface_hub; no remote code).
+        dst: The directory to write; written to a temporary sibling and renamed into place when complete.
+        format: ``gptj`` (for vLLM and other serving engines) or ``codegen``.
+        dtype: ``fp16``, ``bf16`` or ``fp32`` (or a torch name); None keeps the source dtype.
+        max_shard_size: Bytes per output shard; bounds the private memory of the conversion.
+        overwrite: Replace ``dst`` if it exists.
+        verify: Compare the converted model's logits with the source's on :data:`PROBE` (loads each model once,
+            one after the other).
+
+    Returns:
+        What was written, with the verification figures when ``verify``.
+
+    Raises:
+        ConversionError: A source that is not a MOSS / CodeGen checkpoint, an existing ``dst``, a bad argument,
+            or logits that differ beyond tolerance.
+        moss_agent.loading.UnsupportedCheckpointError: For GPTQ-quantised sources (convert the fp16 release).
+    """
+    import torch
+
+    from moss_agent.loading import read_config, resolve_checkpoint
+
+    if format not in ("gptj", "codegen"):
+        raise ConversionError(f"format must be 'gptj' or 'codegen', got {format!r}")
+    torch_dtype = None if dtype is None else getattr(torch, DTYPES.get(dtype, dtype), None)
+    if dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise ConversionError(f"dtype must be one of {', '.join(DTYPES)} (or a torch float name), got {dtype!r}")
+    source = resolve_checkpoint(src)
+    config = read_config(source)
+    _check_source(source, config)
+    target = Path(dst).expanduser()
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise ConversionError(f"{target} exists and is not empty: choose another directory or pass overwrite=True")
+    files = _shard_files(source)
+
+    started = time.perf_counter()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        bos, eos, n_tokens = _write_tokenizer(source, tmp, int(config.get("n_positions", 2048)))
+        writer = _ShardWriter(tmp, max_shard_size)
+        written_dtype: torch.dtype | None = torch_dtype
+        for file in files:
+            for name, tensor in _tensors(file):
+                for out_name, out in _rename(name, tensor, format):
+                    if out.is_floating_point():
+                        out = out if torch_dtype is None else out.to(torch_dtype)
+                        written_dtype = written_dtype or out.dtype
+                    if out_name == "lm_head.bias" and out.shape[0] > n_tokens:
+                        out = out.clone()  # never write into the mapped source
+                        out[n_tokens:] = PADDING_BIAS
+                    writer.add(out_name, out)
+                del tensor
+        shards = writer.finish()
+        dtype_name = str(written_dtype or torch.float16).removeprefix("torch.")
+        _write_json(tmp / "config.json", _model_config(config, format, dtype_name, bos, eos))
+        generation = {"bos_token_id": bos, "eos_token_id": eos, **_RELEASE_SAMPLING, "max_new_tokens": 512}
+        _write_json(tmp / "generation_config.json", generation)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    report = ConversionReport(
+        target, format, dtype_name, writer.parameters, writer.total_bytes, shards, time.perf_counter() - started
+    )
+    if verify:
+        diff, agreement = verify_conversion(source, target)
+        report = dataclasses.replace(report, max_abs_diff=diff, argmax_agreement=agreement)
+    return report
+
+
+def _probe_logits(path: Path, precision: str, probe: str) -> torch.Tensor:
+    """The logits of the tokens (not of the vocabulary's padding rows) at every position of ``probe``."""
+    import torch
+
+    from moss_agent.loading import load_moss
+
+    loaded = load_moss(path, precision=precision)
+    ids = torch.tensor([loaded.tokenizer.encode(probe, add_special_tokens=False)])
+    device = next(loaded.model.parameters()).device
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids.to(device)).logits[0, :, : len(loaded.tokenizer)].float().cpu()
+    del loaded
+    gc.collect()
+    return logits
+
+
+def verify_conversion(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    *,
+    probe: str = PROBE,
+    tolerance: float | None = None,
+) -> tuple[float, float]:
+    """Check that a converted checkpoint computes what its source computes.
+
+    Loads the source, then the converted model (one at a time, both at the converted dtype, placed by the load
+    plan), runs ``probe`` through each and compares the logits of every token (the padding rows of the vocabulary
+    are masked by the conversion, see :data:`PADDING_BIAS`).
+
+    Args:
+        src: The source MOSS checkpoint.
+        dst: The converted checkpoint.
+        probe: The text to compare on.
+        tolerance: Largest allowed logit difference relative to the largest source logit (at least 1); by
+            default 1e-4 for fp32, 1e-2 for fp16, 3e-2 for bf16.
+
+    Returns:
+        The largest absolute logit difference and the fraction of positions whose top token agrees.
+
+    Raises:
+        ConversionError: When the difference exceeds the tolerance.
+    """
+    from moss_agent.loading import read_config, resolve_checkpoint
+
+    converted = Path(dst)
+    dtype = str(read_config(converted).get("torch_dtype", "float32"))
+    precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
+    reference = _probe_logits(resolve_checkpoint(src), precision, probe)
+    logits = _probe_logits(converted, precision, probe)
+    diff = float((logits - reference).abs().max())
+    agreement = float((logits.argmax(-1) == reference.argmax(-1)).float().mean())
+    allowed = (tolerance if tolerance is not None else _TOLERANCE.get(dtype, 1e-2)) * max(
+        1.0, float(reference.abs().max())
+    )
+    if diff > allowed:
+        raise ConversionError(
+            f"{converted}: logits differ from the source's by up to {diff:.3g} on the probe (allowed {allowed:.3g}, "
+            f"top token agrees at {agreement:.0%} of positions): the conversion is wrong; please report it"
+        )
+    return diff, agreement
+
+
+# ---------------------------------------------------------------- command line
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    report = convert(
+        args.src,
+        args.dst,
+        format=args.format,
+        dtype=args.dtype,
+        max_shard_size=int(args.max_shard_size * 1024**3),
+        overwrite=args.overwrite,
+        verify=args.verify,
+    )
+    print(
+        f"wrote {report.path}: {report.format}, {report.dtype}, {report.parameters:,} parameters in "
+        f"{report.shards} shard(s), {report.total_bytes / 1024**3:.2f} GiB, {report.seconds:.1f} s"
+    )
+    if report.max_abs_diff is not None:
+        print(
+            f"verified: largest logit difference {report.max_abs_diff:.3g}, "
+            f"top token agrees at {report.argmax_agreement:.0%} of probe positions"
+        )
+    return 0
+
+
+def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``convert SRC DST --format gptj|codegen [--dtype ...] [--verify]`` to ``moss-agent``'s subcommands.
+
+    Args:
+        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The new subparser (its ``func`` default runs the conversion and returns the exit code).
+    """
+    p = subparsers.add_parser(
+        "convert",
+        help="write a MOSS checkpoint as a standard GPT-J / CodeGen checkpoint (safetensors, fast tokenizer)",
+        description="Convert a MOSS checkpoint for serving engines (vLLM: --format gptj) with no remote code.",
+    )
+    p.add_argument("src", help="MOSS checkpoint directory or hub id")
+    p.add_argument("dst", help="directory to write")
+    p.add_argument("--format", default="gptj", choices=["gptj", "codegen"], help="target architecture (gptj)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="floating-point dtype to write (default: the source's)")
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard (bounds memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true", help="compare logits with the source on a probe afterwards")
+    p.set_defaults(func=_cmd_convert)
+    return p
