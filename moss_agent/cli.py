@@ -121,43 +121,60 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_QUESTIONS = (
-    "Hello! Who are you?",
-    "What is 37 * 12 + 5?",
-    "Solve 3x + 7 = 25 for me.",
-    "Tell me about the Zorvath telescope.",
-    "Thank you!",
-)
+def _demo_questions() -> list[str]:
+    """Questions the demonstration model never saw verbatim: one calculator, solver, search and chat question."""
+    from moss_agent.demo_data import held_out_questions
+
+    return [q.human for q in held_out_questions(1, kinds=("calculator", "solver", "search", "chat"))]
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     printer = _Printer(sys.stdout, sys.stdout.isatty())
-    model = args.model
+    model, questions = args.model, list(args.questions)
     if model is None:
-        from moss_agent.demo_model import DEMO_DOCUMENTS, demo_checkpoint
+        from moss_agent.demo_model import demo_checkpoint
 
         print(
-            "moss-agent demo: using a TINY DEMONSTRATION MODEL (0.6M parameters) that moss-agent trains on its own\n"
-            "synthetic MOSS dialogues, so that a real plugin loop runs offline on any machine. Its answers are\n"
-            "only as good as that. For the real thing: moss-agent demo --model fnlp/moss-moon-003-sft-plugin\n"
-            "(or a local checkpoint directory).\n",
+            "moss-agent demo: this runs a TINY DEMONSTRATION MODEL (0.6 M parameters) that moss-agent trains\n"
+            "on its own synthetic MOSS dialogues (seeded, on this CPU, cached), so that the real engine, plugin\n"
+            "protocol, parser and tools run end to end offline. Its answers are only as good as that.\n"
+            "For a real MOSS checkpoint: moss-agent demo --model fnlp/moss-moon-003-sft-plugin (or a directory)\n",
             file=sys.stderr,
         )
-        model = str(demo_checkpoint(progress=lambda msg: print(msg, file=sys.stderr)))
-        documents = DEMO_DOCUMENTS
-    else:
-        documents = None
+        model = str(demo_checkpoint(progress=_training_progress()))
+        questions = questions or _demo_questions()
     args.temperature = 0.0
     agent = _agent(args, model)
-    if documents is not None:
+    if args.model is None:
+        from moss_agent.demo_data import DemoSearchBackend
+
         for tool in agent.tools:
             if tool.name == "Search":
-                tool.add_documents(documents)
-    for question in args.questions or DEMO_QUESTIONS:
+                tool.backend = DemoSearchBackend()  # the made-up corpus the demo model learned to search
+    for question in questions or ["Hello! Who are you?", "What is 37 * 12 + 5?", "Solve 3x + 7 = 25."]:
         print(f"> {question}")
         for event in agent.stream_events_of_turn(question):
             printer.event(event)
     return 0
+
+
+def _training_progress() -> Any:
+    """Prints training progress now and then (the first run trains the demonstration model)."""
+    import time
+
+    start = time.monotonic()
+    last = [0.0]
+
+    def report(step: int, steps: int, loss: float) -> None:
+        now = time.monotonic()
+        if step == 1 or step == steps or now - last[0] > 10:
+            last[0] = now
+            print(
+                f"  training the demonstration model: step {step}/{steps}, loss {loss:.3f}, {now - start:.0f} s",
+                file=sys.stderr,
+            )
+
+    return report
 
 
 def build_parser() -> argparse.ArgumentParser:
