@@ -17,23 +17,20 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Literal, TypedDict, cast
+from typing import TypedDict, cast
 
 from langchain_core.callbacks import CallbackManagerForToolRun
-from langchain_core.tools import BaseTool
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from moss_agent.plugins import CALCULATOR, format_calculate
 
 from ._bounded import MathWorker, WorkerError, shared_worker
+from ._math_tool import DEFAULT_TIMEOUT, MathTool
 from ._safe_math import MathInputError, MathLimits, describe, parse_calculation
 
 __all__ = ["DEFAULT_TIMEOUT", "CalculateArtifact", "CalculateInput", "CalculatorTool", "calculate", "evaluate"]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT = 1.5
-"""Seconds one calculation may run in the worker before it is cut off."""
 
 
 class CalculateArtifact(TypedDict):
@@ -95,7 +92,7 @@ class CalculateInput(BaseModel):
     )
 
 
-class CalculatorTool(BaseTool):
+class CalculatorTool(MathTool):
     """MOSS's ``Calculate(expression)`` plugin: safe arithmetic evaluated with sympy.
 
     The content of a call is what MOSS reads after ``=>`` (``'565.4866776461628'`` or ``'No result.'``); the
@@ -112,21 +109,6 @@ class CalculatorTool(BaseTool):
         "Returns the value, or 'No result.' if the expression cannot be computed."
     )
     args_schema: type[BaseModel] = CalculateInput
-    response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
-    timeout: float = DEFAULT_TIMEOUT
-    """Seconds one calculation may run before it is cut off (the answer is then ``No result.``)."""
-    limits: MathLimits = Field(default_factory=MathLimits)
-    """Caps on input length, nesting, integer size and factorial size."""
-    prestart: bool = True
-    """Start the shared math worker when the tool is created."""
-
-    @model_validator(mode="after")
-    def _check(self) -> CalculatorTool:
-        if not self.timeout > 0:
-            raise ValueError(f"CalculatorTool timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.prestart:
-            shared_worker().start()
-        return self
 
     def _run(
         self, expression: str, run_manager: CallbackManagerForToolRun | None = None

@@ -21,15 +21,15 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Literal, TypedDict, cast
+from typing import TypedDict, cast
 
 from langchain_core.callbacks import CallbackManagerForToolRun
-from langchain_core.tools import BaseTool
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field
 
 from moss_agent.plugins import EQUATION_SOLVER, format_solve
 
 from ._bounded import MathWorker, WorkerError, shared_worker
+from ._math_tool import DEFAULT_TIMEOUT, MathTool
 from ._safe_math import MathInputError, MathLimits, describe, parse_equations
 
 __all__ = [
@@ -43,9 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_TIMEOUT = 1.5
-"""Seconds one solve may run in the worker before it is cut off."""
 
 
 class SolveArtifact(TypedDict):
@@ -113,7 +110,7 @@ class SolveInput(BaseModel):
     )
 
 
-class EquationSolverTool(BaseTool):
+class EquationSolverTool(MathTool):
     """MOSS's ``Solve(equation)`` plugin: safe symbolic equation solving with sympy.
 
     The content of a call is what MOSS reads after ``=>`` (``x = 17/3`` lines, or ``No result.``); the artifact
@@ -130,21 +127,6 @@ class EquationSolverTool(BaseTool):
         "or 'No result.'."
     )
     args_schema: type[BaseModel] = SolveInput
-    response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
-    timeout: float = DEFAULT_TIMEOUT
-    """Seconds one solve may run before it is cut off (the answer is then ``No result.``)."""
-    limits: MathLimits = Field(default_factory=MathLimits)
-    """Caps on input length, nesting, powers of variables, unknowns and solutions."""
-    prestart: bool = True
-    """Start the shared math worker when the tool is created."""
-
-    @model_validator(mode="after")
-    def _check(self) -> EquationSolverTool:
-        if not self.timeout > 0:
-            raise ValueError(f"EquationSolverTool timeout must be a positive number of seconds, got {self.timeout!r}")
-        if self.prestart:
-            shared_worker().start()
-        return self
 
     def _run(self, equation: str, run_manager: CallbackManagerForToolRun | None = None) -> tuple[str, SolveArtifact]:
         result = solve_equations(equation, timeout=self.timeout, limits=self.limits)
