@@ -23,8 +23,8 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check moss_agent tools chains tests examples
-	$(BIN)/ruff format --check moss_agent tools chains tests examples
+	$(BIN)/ruff check moss_agent tools chains tests examples benchmarks
+	$(BIN)/ruff format --check moss_agent tools chains tests examples benchmarks
 	$(BIN)/mypy
 
 demo: $(STAMP)

@@ -38,7 +38,23 @@ _EXPORTS = {
     "to_messages": "moss_agent.data",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "ChatMoss",
+    "Engine",
+    "MossAgent",
+    "MossConversation",
+    "MossLLM",
+    "MossTurn",
+    "SamplingParams",
+    "TransformersEngine",
+    "from_messages",
+    "load_moss",
+    "parse_conversation",
+    "plan_load",
+    "read_conversation",
+    "scrub",
+    "to_messages",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Generator, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import invalid_tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
-from langchain_core.runnables import Runnable
+from langchain_core.runnables import Runnable, RunnableConfig
+from langchain_core.runnables.config import run_in_executor
 
 from moss_agent import format as fmt
 from moss_agent import parser
@@ -58,6 +60,17 @@ class _Outcome:
 
 
 _Steps = Generator[_Piece, None, _Outcome]
+
+_Key = tuple[str, SamplingParams]
+_BATCHED: ContextVar[dict[_Key, list[Generation]] | None] = ContextVar("moss_batched", default=None)
+"""Generations that ``ChatMoss.batch`` computed in one engine batch, by prompt, for ``_generate`` to take."""
+
+
+class _Captured(Exception):  # a control-flow signal, not an error
+    """Stops ``_steps`` at its first engine call, carrying the prompt and parameters."""
+
+    def __init__(self, key: _Key) -> None:
+        self.key = key
 
 
 class ChatMoss(MossSettings, BaseChatModel):
@@ -256,9 +269,11 @@ class ChatMoss(MossSettings, BaseChatModel):
         **kwargs: Any,
     ) -> ChatResult:
         engine = self.get_engine()
+        batched = _BATCHED.get()
 
         def run(prompt: str, params: SamplingParams) -> Iterator[Delta]:
-            generation = engine.generate(prompt, params)
+            ready = batched.get((prompt, params)) if batched else None
+            generation = ready.pop() if ready else engine.generate(prompt, params)
             yield Delta(generation.text, generation)
 
         steps = self._steps(messages, stop, kwargs, run)
@@ -293,6 +308,91 @@ class ChatMoss(MossSettings, BaseChatModel):
             if run_manager and piece.kind == "reply":
                 run_manager.on_llm_new_token(piece.text, chunk=chunk)
             yield chunk
+
+    def batch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """Answer several inputs; single-pass ones share one ``engine.generate_batch`` call.
+
+        When every input needs one generation known up front (no tools, or the tools have answered), the
+        prompts are rendered as ``invoke`` renders them and generated in one engine batch; each input then
+        runs the usual ``invoke`` path (callbacks included), which takes its generation instead of calling the
+        engine. Otherwise (tools to choose, streaming, seeded sampling, an LLM cache) this is LangChain's
+        thread-pool batch of ``invoke``.
+        """
+        plan = self._batch_plan(inputs, kwargs)
+        ready = self._batch_generate(plan) if plan else None
+        token = _BATCHED.set(ready)
+        try:
+            return super().batch(inputs, config, return_exceptions=return_exceptions, **kwargs)  # type: ignore[return-value]
+        finally:
+            _BATCHED.reset(token)
+
+    async def abatch(
+        self,
+        inputs: list[LanguageModelInput],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[AIMessage]:
+        """As :meth:`batch`; the engine batch runs in an executor thread."""
+        plan = self._batch_plan(inputs, kwargs)
+        ready = await run_in_executor(None, self._batch_generate, plan) if plan else None
+        token = _BATCHED.set(ready)
+        try:
+            return await super().abatch(inputs, config, return_exceptions=return_exceptions, **kwargs)  # type: ignore[return-value]
+        finally:
+            _BATCHED.reset(token)
+
+    def _batch_plan(self, inputs: Sequence[LanguageModelInput], kwargs: dict[str, Any]) -> list[_Key] | None:
+        """The one prompt and parameters of each input, or None when some input is not single-pass."""
+        from langchain_core.caches import BaseCache
+        from langchain_core.globals import get_llm_cache
+
+        if len(inputs) < 2 or self.streaming or isinstance(self.cache, BaseCache) or self.cache is True:
+            return None
+        if self.cache is None and get_llm_cache() is not None:
+            return None  # cached answers would leave batched generations unused
+        stop, rest = kwargs.get("stop"), {k: v for k, v in kwargs.items() if k != "stop"}
+
+        def capture(prompt: str, params: SamplingParams) -> Iterator[Delta]:
+            raise _Captured((prompt, params))
+
+        plan = []
+        for value in inputs:
+            try:
+                messages = self._convert_input(value).to_messages()
+                rendered, _, tools = self._prepare(messages, rest)
+                if tools and rendered.pending is not None and rendered.pending.results is None:
+                    return None  # pass 1 decides what follows
+                next(self._steps(messages, stop, rest, capture))
+            except _Captured as captured:
+                if not captured.key[1].greedy and captured.key[1].seed is not None:
+                    return None  # seeded sampling: each invoke replays the seed, one batch would not
+                plan.append(captured.key)
+            except Exception:  # invoke raises it for this input, as the default batch does
+                return None
+        return plan
+
+    def _batch_generate(self, plan: Sequence[_Key]) -> dict[_Key, list[Generation]] | None:
+        """Generate the planned prompts, one engine batch per distinct parameters; None if the engine raises."""
+        engine = self.get_engine()
+        ready: dict[_Key, list[Generation]] = {}
+        for params in dict.fromkeys(p for _, p in plan):
+            prompts = [prompt for prompt, p in plan if p == params]
+            try:
+                generations = engine.generate_batch(prompts, params)
+            except Exception:  # each invoke meets the same error and reports it for its input
+                return None
+            for prompt, generation in zip(prompts, generations, strict=True):
+                ready.setdefault((prompt, params), []).insert(0, generation)
+        return ready
 
     # ------------------------------------------------------------------ building messages
 

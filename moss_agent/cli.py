@@ -85,7 +85,7 @@ def _agent(args: argparse.Namespace, model: str) -> Any:
         precision=args.precision,
         temperature=args.temperature,
         do_sample=args.temperature > 0,
-        max_new_tokens=args.max_new_tokens,
+        max_tokens=args.max_new_tokens,
     )
     memory = None
     if getattr(args, "session", None):

@@ -73,9 +73,7 @@ def read_conversation(path: str | Path) -> MossConversation:
     path = Path(path)
     data = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict) or "chat" not in data or "meta_instruction" not in data:
-        raise ValueError(
-            f"{path} is not a MOSS SFT conversation (expected 'meta_instruction' and 'chat' keys)"
-        )
+        raise ValueError(f"{path} is not a MOSS SFT conversation (expected 'meta_instruction' and 'chat' keys)")
     chat = data["chat"]
     turns = [_read_turn(chat[key], path, key) for key in sorted(chat, key=_turn_number)]
     return MossConversation(

@@ -7,6 +7,7 @@ it.
 
 from __future__ import annotations
 
+import copy
 import os
 import threading
 from collections.abc import Generator, Iterator, Sequence
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
-from moss_agent._decoding import TextTracker, make_generator, next_tokens
+from moss_agent._decoding import TextTracker, common_prefix, make_generator, next_tokens
 from moss_agent._kv import ModelRunner
 
 __all__ = [
@@ -103,11 +104,15 @@ class Delta:
 class Engine(Protocol):
     """What every face (ChatMoss, MossLLM, MossAgent) needs from a model, local or remote."""
 
-    model_name: str
-    """A name for response metadata."""
+    @property
+    def model_name(self) -> str:
+        """A name for response metadata."""
+        ...
 
-    context_window: int
-    """Prompt plus generated tokens the model can attend to."""
+    @property
+    def context_window(self) -> int:
+        """Prompt plus generated tokens the model can attend to."""
+        ...
 
     def generate(self, prompt: str, params: SamplingParams) -> Generation:
         """Generate a continuation of ``prompt``."""
@@ -375,9 +380,14 @@ class TransformersEngine:
     # ------------------------------------------------------------ several prompts
 
     def generate_batch(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
-        """Generate for several prompts at once (left padding); under greedy, equal to one by one.
+        """Generate for several prompts at once; under greedy, equal to one by one.
 
-        Bypasses the prefix cache. Raises as :meth:`generate` does, before any model call, for any prompt.
+        The rows' longest common token prefix (a shared system prompt) is prefilled once, after what the
+        kept prefix cache already holds, and kept for later calls; its cache is then repeated for every row and
+        the rows' differing suffixes run together, padded on the left of the suffix part (a masked gap between
+        prefix and suffix; positions continue from the prefix). ``cached_tokens`` counts, for the first row,
+        what came from the kept cache and, for the others, the shared prefix. Raises as :meth:`generate` does,
+        before any model call, for any prompt.
         """
         import torch
 
@@ -386,26 +396,30 @@ class TransformersEngine:
             return []
         stop_ids, rows = prepared[0][1], [ids for ids, _ in prepared]
         runner, n = self._runner, len(rows)
+        # Every row keeps at least one suffix token: its last prompt token gives the first new token's logits.
+        shared = min(min(common_prefix(rows[0], r) for r in rows), min(len(r) for r in rows) - 1)
         texts = [TextTracker(self._decode, params.stop) for _ in rows]
         generated: list[list[int]] = [[] for _ in rows]
         reasons: list[str | None] = [None] * n
         with self._lock, torch.inference_mode():
             device = runner.device
-            width = max(len(r) for r in rows)
-            ids = torch.tensor([[self._pad_id] * (width - len(r)) + r for r in rows], device=device)
-            mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+            cache, reused = self._shared_cache(rows[0][: shared + 1], n)
+            suffixes = [r[shared:] for r in rows]
+            width = max(len(s) for s in suffixes)
+            ids = torch.tensor([[self._pad_id] * (width - len(s)) + s for s in suffixes], device=device)
+            tail = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
+            mask = torch.cat([tail.new_ones(n, shared), tail], dim=-1)
             # Rotary positions count from each row's first real token, as when the row runs alone.
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            cache, seen = runner.new_cache(), runner.seen(rows)
+            positions = shared + (tail.cumsum(-1) - 1).clamp(min=0)
+            seen = runner.seen(rows)
             generator = make_generator(params, runner.output_device)
+            active = list(range(n))  # the rows still generating, in batch order
             while True:
                 logits = runner.forward(ids, positions, cache, mask)
                 tokens = next_tokens(logits, seen, params, generator, self._vocab_limit).tolist()
-                for r, token in enumerate(tokens):
-                    if reasons[r] is not None:
-                        continue  # finished rows ride along; their tokens are ignored
+                for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
                     generated[r].append(token)
-                    seen[r, token] = True
+                    seen[b, token] = True
                     if token in stop_ids or token in self._eos_ids:
                         reasons[r] = stop_ids.get(token, "eos")
                         continue
@@ -413,14 +427,42 @@ class TransformersEngine:
                     limit = min(params.max_new_tokens, self.context_window - len(rows[r]))
                     if texts[r].stop is not None or len(generated[r]) >= limit:
                         reasons[r] = "length"
-                if all(reason is not None for reason in reasons):
+                keep = [b for b, r in enumerate(active) if reasons[r] is None]
+                if not keep:
                     break
+                if len(keep) < len(active):  # finished rows leave the batch: no more compute for them
+                    index = torch.tensor(keep)  # on the CPU: it indexes tensors on any device (device maps)
+                    cache.batch_select_indices(index)
+                    mask, positions, seen = mask[index], positions[index], seen[index]
+                    active, tokens = [active[b] for b in keep], [tokens[b] for b in keep]
                 ids = torch.tensor(tokens, device=device).unsqueeze(-1)
-                mask = torch.cat([mask, mask.new_ones(n, 1)], dim=-1)
+                mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=-1)
                 positions = positions[:, -1:] + 1
         out = []
         for r, text in enumerate(texts):
             text.flush()
             reason = text.stop or reasons[r] or "length"
-            out.append(Generation(text.text, reason, len(rows[r]), len(generated[r]), 0, tuple(generated[r])))
+            cached = reused if r == 0 else shared
+            out.append(Generation(text.text, reason, len(rows[r]), len(generated[r]), cached, tuple(generated[r])))
         return out
+
+    def _shared_cache(self, head: list[int], n: int) -> tuple[Any, int]:
+        """A cache holding ``head[:-1]`` (the rows' shared prefix) for ``n`` rows; the caller holds the lock.
+
+        The prefix is prefilled once, after what the kept cache holds of it, and kept (batch 1) for later
+        prompts. Returns the cache and how many prefix tokens came from the kept cache.
+        """
+        import torch
+
+        runner, prefix = self._runner, head[:-1]
+        if not prefix:
+            return runner.new_cache(), 0
+        cache, reused = runner.checkout(head) if self.prefix_cache else (runner.new_cache(), 0)
+        if reused < len(prefix):
+            positions = torch.arange(reused, len(prefix), device=runner.device).unsqueeze(0)
+            runner.forward(torch.tensor([prefix[reused:]], device=runner.device), positions, cache)
+        batch = copy.deepcopy(cache) if self.prefix_cache else cache
+        if self.prefix_cache:
+            runner.checkin(cache, prefix)
+        batch.batch_repeat_interleave(n)
+        return batch, reused

@@ -1,15 +1,15 @@
-"""The text of the MOSS protocol: meta instruction, switch block, turn segments, prompts.
+r"""The text of the MOSS protocol: meta instruction, switch block, turn segments, prompts.
 
 Pure string work, byte-identical to the text MOSS was trained on (see ``MOSS_FORMAT.md`` and the sample SFT
 data). A conversation is ``meta_instruction + switch_block + turn + turn + ...`` and a turn is five segments::
 
-    <|Human|>: {text}<eoh>\\n
-    <|Inner Thoughts|>: {text}<eot>\\n
-    <|Commands|>: {text}<eoc>\\n
-    <|Results|>:{body}<eor>\\n
-    <|MOSS|>: {text}<eom>\\n
+    <|Human|>: {text}<eoh>\n
+    <|Inner Thoughts|>: {text}<eot>\n
+    <|Commands|>: {text}<eoc>\n
+    <|Results|>:{body}<eor>\n
+    <|MOSS|>: {text}<eom>\n
 
-The results segment keeps its raw body (``" None"``, ``"\\nNone\\n"``, ``"\\nSearch(...) =>\\n...\\n"``) because the
+The results segment keeps its raw body (``" None"``, ``"\nNone\n"``, ``"\nSearch(...) =>\n...\n"``) because the
 space or newline after the colon differs between plugin and no-plugin data.
 """
 
@@ -115,7 +115,7 @@ def switch_block(
     extra: Sequence[Plugin] = (),
     date: _dt.date | str | None = None,
 ) -> str:
-    """The switch lines that follow the meta instruction.
+    r"""The switch lines that follow the meta instruction.
 
     Args:
         enabled: Plugins (or their keys / API names) that are switched on.
@@ -128,7 +128,7 @@ def switch_block(
         date: The date for the production style; today when omitted.
 
     Returns:
-        The block, every line ending in ``\\n``.
+        The block, every line ending in ``\n``.
     """
     if style == "none":
         return ""
@@ -194,14 +194,14 @@ def commands_text(commands: Sequence[Command]) -> str:
 
 
 def results_body(entries: Sequence[str] | None, *, plugins_on: bool = True) -> str:
-    """The raw body of a results segment (what stands between ``<|Results|>:`` and ``<eor>``).
+    r"""The raw body of a results segment (what stands between ``<|Results|>:`` and ``<eor>``).
 
     Args:
         entries: Result entries from :func:`moss_agent.plugins.format_result_entry`, each ending in a newline,
             or None when no command ran. A single entry equal to ``Image generated successfully.`` is written
             as the bare sentence, as in the data.
         plugins_on: Whether the conversation has plugins on; decides the form of an empty result
-            (``"\\nNone\\n"`` with plugins, ``" None"`` without).
+            (``"\nNone\n"`` with plugins, ``" None"`` without).
     """
     if not entries:
         return "\nNone\n" if plugins_on else " None"
@@ -214,7 +214,7 @@ def results_body(entries: Sequence[str] | None, *, plugins_on: bool = True) -> s
 
 
 def segment(role: str, text: str) -> str:
-    """One segment: ``<|Human|>: text<eoh>\\n``; for results, ``text`` is the raw body."""
+    r"""One segment: ``<|Human|>: text<eoh>\n``; for results, ``text`` is the raw body."""
     sep = "" if role == RESULTS else " "
     return f"{role}:{sep}{text}{SEGMENT_END[role]}\n"
 
@@ -283,9 +283,7 @@ class MossConversation:
 
     def enabled_plugins(self) -> list[Plugin]:
         """The MOSS plugins with an API that the system text switches on."""
-        return [
-            p for p in _plugins.PLUGINS if p.api and p.switch_line(True).rstrip("\n") in self.system.split("\n")
-        ]
+        return [p for p in _plugins.PLUGINS if p.api and p.switch_line(True).rstrip("\n") in self.system.split("\n")]
 
 
 # ---------------------------------------------------------------- prompts for inference
@@ -296,14 +294,14 @@ def _history(system: str, turns: Sequence[MossTurn]) -> str:
 
 
 def chat_prompt(system: str, turns: Sequence[MossTurn], human: str, *, prefill_none: bool = True) -> str:
-    """Prompt for a plain chat turn, ending with ``<|MOSS|>:``; generate until ``<eom>``.
+    r"""Prompt for a plain chat turn, ending with ``<|MOSS|>:``; generate until ``<eom>``.
 
     Args:
         system: Meta instruction plus switch block.
         turns: Earlier turns.
         human: The new user text (scrub untrusted text first).
         prefill_none: Write the empty inner-thoughts, commands and results segments before ``<|MOSS|>:`` as the
-            no-plugin training data has them; False gives the release demos' ``<eoh>\\n<|MOSS|>:``.
+            no-plugin training data has them; False gives the release demos' ``<eoh>\n<|MOSS|>:``.
     """
     text = _history(system, turns) + segment(HUMAN, human)
     if prefill_none:

@@ -54,9 +54,7 @@ class Hardware:
             cpu_gib: CPU RAM in GiB.
             bf16: Whether the GPUs support bfloat16.
         """
-        gpus = tuple(
-            GPU(i, f"simulated-{g:g}GiB", int(g * GiB), int(g * GiB), bf16) for i, g in enumerate(gpu_gib)
-        )
+        gpus = tuple(GPU(i, f"simulated-{g:g}GiB", int(g * GiB), int(g * GiB), bf16) for i, g in enumerate(gpu_gib))
         return cls(gpus, int(cpu_gib * GiB))
 
 

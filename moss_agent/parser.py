@@ -135,9 +135,7 @@ class InvalidCommand:
 _CALL_HEAD = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)[ \t]*\(")
 _SEPARATORS = re.compile(r"(?:[\s,;]+|#[^\n]*|(?<![^\s,;])(?:\d{1,2}[.)、]|[-*•])(?=\s))+")
 _NONE_WORD = re.compile(r"[Nn]one\b\.?")
-_NEXT_ITEM = re.compile(
-    r"[,;\n][\s,;]*(?:(?:\d{1,2}[.)、]|[-*•])\s+)?(?=[A-Za-z_][A-Za-z0-9_.]*[ \t]*\(|None\b)"
-)
+_NEXT_ITEM = re.compile(r"[,;\n][\s,;]*(?:(?:\d{1,2}[.)、]|[-*•])\s+)?(?=[A-Za-z_][A-Za-z0-9_.]*[ \t]*\(|None\b)")
 _QUOTES = {'"': '"', "'": "'", "“": "”"}
 _FORM = 'write each command as Name("argument"), separated by ", "'
 
@@ -185,9 +183,7 @@ def _next_item(body: str, pos: int) -> int:
     return found.start() if found else len(body)
 
 
-def _read_call(
-    body: str, pos: int, head: re.Match[str], commands: list[Command], bad: list[InvalidCommand]
-) -> int:
+def _read_call(body: str, pos: int, head: re.Match[str], commands: list[Command], bad: list[InvalidCommand]) -> int:
     """Read one ``Name(...)`` at ``pos`` into ``commands`` or ``bad``; return where to go on."""
     name, at = head.group(1), _skip_blanks(body, head.end())
     if at < len(body) and body[at] in _QUOTES:

@@ -86,14 +86,14 @@ class Plugin:
     trained: bool = False
 
     def switch_line(self, enabled: bool, *, trailing_space: bool = False) -> str:
-        """The switch line, newline included.
+        r"""The switch line, newline included.
 
         Args:
             enabled: Whether the plugin is switched on.
             trailing_space: Add the space the README form has after ``disabled.``.
 
         Returns:
-            ``"- Web search: enabled. API: Search(query)\\n"`` or ``"- Web search: disabled.\\n"``.
+            ``"- Web search: enabled. API: Search(query)\n"`` or ``"- Web search: disabled.\n"``.
         """
         if not enabled:
             return f"- {self.label}: disabled.{' ' if trailing_space else ''}\n"
@@ -106,9 +106,7 @@ INNER_THOUGHTS = Plugin("Inner thoughts", "inner_thoughts", trained=True)
 WEB_SEARCH = Plugin("Web search", "search", "Search", "query", layout="block", trained=True)
 CALCULATOR = Plugin("Calculator", "calculator", "Calculate", "expression", layout="inline", trained=True)
 EQUATION_SOLVER = Plugin("Equation solver", "solver", "Solve", "equation", layout="block", trained=True)
-TEXT_TO_IMAGE = Plugin(
-    "Text-to-image", "text2image", "Text2Image", "description", layout="sentence", trained=True
-)
+TEXT_TO_IMAGE = Plugin("Text-to-image", "text2image", "Text2Image", "description", layout="sentence", trained=True)
 IMAGE_EDITION = Plugin("Image edition", "image_edition")
 TEXT_TO_SPEECH = Plugin("Text-to-speech", "text_to_speech")
 
@@ -182,10 +180,10 @@ def quote_snippet(text: str, limit: int = SNIPPET_LIMIT) -> str:
 
 
 def format_search_hits(snippets: Sequence[str], start: int = 1, limit: int = SNIPPET_LIMIT) -> str:
-    """Hit lines ``<|N|>: 'snippet'``, numbered from ``start``, each ending in a newline.
+    r"""Hit lines ``<|N|>: 'snippet'``, numbered from ``start``, each ending in a newline.
 
     Returns:
-        The lines, or ``"No result.\\n"`` when there are no snippets.
+        The lines, or ``"No result.\n"`` when there are no snippets.
     """
     if not snippets:
         return NO_RESULT + "\n"
@@ -222,7 +220,7 @@ def format_solve(solutions: Iterable[tuple[str, str]] | None) -> str:
 
 
 def format_result_entry(command: str, output: str, layout: ResultLayout) -> str:
-    """One command's entry in a results block, newline included.
+    r"""One command's entry in a results block, newline included.
 
     Args:
         command: The command as the model wrote it, e.g. ``'Calculate("1+1")'``.
@@ -230,8 +228,8 @@ def format_result_entry(command: str, output: str, layout: ResultLayout) -> str:
         layout: The plugin's result layout.
 
     Returns:
-        ``'Calculate("1+1") => \\'2\\'\\n'``, ``'Search("q") =>\\n<|1|>: ...\\n'`` or, for ``sentence``,
-        ``'Text2Image("d") => Image generated successfully.\\n'`` (used when Text2Image is not the turn's only
+        ``'Calculate("1+1") => \'2\'\n'``, ``'Search("q") =>\n<|1|>: ...\n'`` or, for ``sentence``,
+        ``'Text2Image("d") => Image generated successfully.\n'`` (used when Text2Image is not the turn's only
         command; alone it is written as the bare sentence by ``moss_agent.format``).
     """
     if layout == "block":

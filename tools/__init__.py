@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
-
     from moss_agent.tools.calculator import CalculatorTool
     from moss_agent.tools.equation_solver import EquationSolverTool
     from moss_agent.tools.search import SearchTool

@@ -387,3 +387,72 @@ def test_ls_params_and_token_ids():
     assert (params["ls_max_tokens"], params["ls_stop"], params["ls_temperature"]) == (7, ["x"], 0.2)
     assert chat._get_ls_params(model="other")["ls_model_name"] == "other"
     assert chat.get_token_ids("Hi <eom>") == engine.token_ids("Hi <eom>")
+
+
+# ---------------------------------------------------------------- batch
+
+
+def _comparable(message: AIMessage) -> tuple[object, ...]:
+    """What invoke and batch agree on (cache reads depend on the order prompts reach the engine)."""
+    usage = message.usage_metadata or {}
+    return (
+        message.content,
+        message.tool_calls,
+        message.additional_kwargs,
+        message.response_metadata,
+        (usage.get("input_tokens"), usage.get("output_tokens")),
+    )
+
+
+def test_batch_of_single_pass_inputs_is_one_engine_batch_equal_to_invoke():
+    torch = pytest.importorskip("torch")
+    from moss_agent.engine import TransformersEngine
+    from moss_agent.testing.checkpoints import tiny_moss_checkpoint
+
+    torch.set_num_threads(1)
+    engine = TransformersEngine.from_pretrained(tiny_moss_checkpoint(), model_name="tiny-moss")
+    chat = ChatMoss(engine=engine, do_sample=False, max_tokens=6)
+    answered = [
+        HumanMessage("What is 2+2?"),
+        AIMessage("", tool_calls=[{"name": "Calculate", "args": {"expression": "2+2"}, "id": "c1"}]),
+        ToolMessage("4", tool_call_id="c1"),
+    ]
+    inputs = ["Hi", "What is the capital of France?", [SystemMessage("Be brief."), HumanMessage("Hello")], "Hi"]
+    want = [chat.invoke(x) for x in inputs]
+    calls: list[str] = []
+    for name in ("generate", "generate_batch"):
+        method = getattr(engine, name)
+        setattr(engine, name, lambda *a, _m=method, _n=name: calls.append(_n) or _m(*a))
+    got = chat.batch(inputs)
+    assert calls == ["generate_batch"]
+    assert [_comparable(m) for m in got] == [_comparable(m) for m in want]
+    assert got[0].content == got[3].content and got[0].content != got[1].content
+
+    bound = chat.bind_tools([calculate])
+    want = [bound.invoke(answered), bound.invoke([*answered[:2], ToolMessage("5", tool_call_id="c1")])]
+    calls.clear()
+    got = bound.batch([answered, [*answered[:2], ToolMessage("5", tool_call_id="c1")]])
+    assert calls == ["generate_batch"]  # the tools have answered: one pass each
+    assert [_comparable(m) for m in got] == [_comparable(m) for m in want]
+
+
+def test_batch_falls_back_to_invoke_when_a_pass_depends_on_another():
+    chat, engine = chat_with(NO_COMMAND, "Hello!<eom>", NO_COMMAND, "Hi!<eom>")
+    got = chat.bind_tools([calculate]).batch(["Hi", "Hello"], config={"max_concurrency": 1})
+    assert [m.content for m in got] == ["Hello!", "Hi!"]
+    assert {c.method for c in engine.calls} == {"generate"}
+    seeded, engine = chat_with("A<eom>", "B<eom>", seed=3)
+    assert [m.content for m in seeded.batch(["x", "y"], config={"max_concurrency": 1})] == ["A", "B"]
+    assert {c.method for c in engine.calls} == {"generate"}
+    chat, engine = chat_with("A<eom>", "B<eom>")
+    assert [m.content for m in chat.batch(["x", "y"])] == ["A", "B"]
+    assert [c.method for c in engine.calls] == ["generate_batch"] * 2
+
+
+@pytest.mark.enable_socket  # the event loop's self-pipe is a local socketpair, no network
+async def test_abatch_is_one_engine_batch():
+    chat, engine = chat_with("A<eom>", "B<eom>", "C<eom>")
+    got = await chat.abatch(["x", "y", "z"])
+    assert [m.content for m in got] == ["A", "B", "C"]
+    assert [c.method for c in engine.calls] == ["generate_batch"] * 3
+    assert [c.prompt for c in engine.calls] == [fmt.chat_prompt(fmt.system_prompt(), [], q) for q in "xyz"]

@@ -345,6 +345,37 @@ def test_batch_equals_one_by_one(quiet: Any, loaded: Any, fresh: TransformersEng
     assert engine.generate_batch([], params) == []
 
 
+def test_batch_prefills_the_shared_prefix_once(engine: TransformersEngine, fresh: TransformersEngine) -> None:
+    system = fmt.system_prompt()
+    asked = ["What is the capital of France?", "Hi", "Tell me a long story about a cat and a dog, please.", "Hi"]
+    prompts = [fmt.chat_prompt(system, [], q) for q in asked]
+    params = GREEDY.with_(max_new_tokens=8)
+    want = [fresh.generate(p, params) for p in prompts]
+    shared = min(common_prefix(engine.token_ids(prompts[0]), engine.token_ids(p)) for p in prompts)
+    assert shared > 100  # the system prompt and the Human tag
+    calls: list[int] = []
+    forward = engine._runner.forward
+    engine._runner.forward = lambda ids, *a: calls.append(ids.numel()) or forward(ids, *a)  # type: ignore[method-assign]
+    engine.generate(system[:200], params)  # the kept cache now holds part of the shared prefix
+    kept = engine._runner.cached_ids
+    calls.clear()
+    got = engine.generate_batch(prompts, params)
+    assert [(g.text, g.token_ids, g.stop_reason, g.prompt_tokens) for g in got] == [
+        (g.text, g.token_ids, g.stop_reason, g.prompt_tokens) for g in want
+    ]
+    reused = common_prefix(kept, engine.token_ids(prompts[0]))
+    assert 0 < reused < shared
+    assert [g.cached_tokens for g in got] == [reused] + [shared] * 3
+    longest = max(engine.count_tokens(p) for p in prompts) - shared
+    assert calls[:2] == [shared - reused, len(prompts) * longest]  # the prefix once, then the padded suffixes
+    assert engine._runner.cached_ids == engine.token_ids(prompts[0])[:shared]  # kept for the next prompt
+    after = engine.generate(prompts[1], params)
+    assert after.cached_tokens == shared and after.token_ids == want[1].token_ids
+    no_cache = fresh.generate_batch(prompts, params)  # prefix_cache=False: the prefix is prefilled, not kept
+    assert [g.token_ids for g in no_cache] == [g.token_ids for g in want]
+    assert [g.cached_tokens for g in no_cache] == [0] + [shared] * 3 and fresh._runner.cached_ids == []
+
+
 # ---------------------------------------------------------------- context window
 
 
