@@ -241,10 +241,9 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         messages = self._messages(human, bound)
         chat = self.chat.bind_tools(self.tools) if self.tools else self.chat
         # Pass 1. Without a command ChatMoss answers at once (pass 2 from its cached prefix): stream that reply.
-        first = yield from _streamed(chat, messages, config)
+        first = yield from _streamed(chat, messages, config, with_thoughts=True)
         thoughts = first.additional_kwargs.get(REASONING) or fmt.NONE
         commands = first.additional_kwargs.get(RAW_COMMANDS) or fmt.NONE
-        yield AgentEvent("thoughts", thoughts)
         runs: list[CommandRun] = []
         usage = [first.usage_metadata]
         if not (first.tool_calls or first.invalid_tool_calls):
@@ -344,14 +343,26 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         self.history.clear()
 
 
-def _streamed(chat: Any, messages: list[BaseMessage], config: RunnableConfig) -> Generator[AgentEvent, None, AIMessage]:
-    """Stream one ChatMoss call: yield its reply text as ``reply`` events, return the whole message."""
+def _streamed(
+    chat: Any, messages: list[BaseMessage], config: RunnableConfig, *, with_thoughts: bool = False
+) -> Generator[AgentEvent, None, AIMessage]:
+    """Stream one ChatMoss call: yield its reply text as ``reply`` events, return the whole message.
+
+    With ``with_thoughts``, the inner thoughts come first as a ``thoughts`` event: before the first reply text
+    (ChatMoss streams them ahead of it), or at the end when there is no reply text (a turn with commands).
+    """
     whole: Any = None
+    thoughts_sent = not with_thoughts
     for chunk in chat.stream(messages, config=config):
         whole = chunk if whole is None else whole + chunk
         if chunk.content:
+            if not thoughts_sent:
+                thoughts_sent = True
+                yield AgentEvent("thoughts", whole.additional_kwargs.get(REASONING) or fmt.NONE)
             yield AgentEvent("reply", message_text(chunk))
     assert isinstance(whole, AIMessage), "ChatMoss streamed no message"
+    if not thoughts_sent:
+        yield AgentEvent("thoughts", whole.additional_kwargs.get(REASONING) or fmt.NONE)
     return whole
 
 

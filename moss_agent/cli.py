@@ -143,6 +143,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         model = str(demo_checkpoint(progress=_training_progress()))
         questions = questions or _demo_questions()
+        if args.plugins == ",".join(PLUGIN_KEYS):
+            args.plugins = "search,calculator,solver"  # the switches the demonstration model was trained with
     args.temperature = 0.0
     agent = _agent(args, model)
     if args.model is None:
@@ -153,6 +155,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                 tool.backend = DemoSearchBackend()  # the made-up corpus the demo model learned to search
     for question in questions or ["Hello! Who are you?", "What is 37 * 12 + 5?", "Solve 3x + 7 = 25."]:
         print(f"> {question}")
+        if args.model is None:
+            agent.reset()  # the demonstration model learned short dialogues: one conversation per question
         for event in agent.stream_events_of_turn(question):
             printer.event(event)
     return 0

@@ -438,7 +438,9 @@ def test_a_reply_without_commands_streams_too(calculator: BaseTool) -> None:
     events = list(agent.stream_events_of_turn("hi"))
     replies = [e.data for e in events if e.type == "reply"]
     assert len(replies) > 1 and "".join(replies) == "Plain answer here."
-    assert [e.type for e in events][-2:] == ["thoughts", "turn"]
+    types = [e.type for e in events]
+    assert types[0] == "thoughts" and types.count("thoughts") == 1  # thoughts come before the reply
+    assert types[-2:] == ["reply", "turn"]
 
 
 async def test_ainvoke_and_astream(calculator: BaseTool) -> None:
