@@ -138,7 +138,14 @@ def test_page_streams_a_reply_with_its_plugin_trace_and_image(
     # A new chat, then the stored one again: its turn comes back from the store, image included.
     browser.find_element(By.ID, "new-chat").click()
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#messages .msg"))
-    browser.find_element(By.CSS_SELECTOR, "#conversations li").click()
+    # The list is re-rendered as the server's answers arrive: find and click it as one retried step.
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def open_stored(d: Any) -> bool:
+        d.find_element(By.CSS_SELECTOR, "#conversations li").click()
+        return True
+
+    WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(open_stored)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .reply"))
     assert browser.find_element(By.CSS_SELECTOR, ".msg.user").text == QUESTION
     restored = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant img.generated"))
