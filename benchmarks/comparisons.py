@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.harness import Bench, Case, RecordingEngine, hf_id_recorder, interleave, plugin_pass1, questions
-from moss_agent import format as fmt
-from moss_agent.engine import Generation, SamplingParams
+from moss_agent.engines.base import Generation, SamplingParams
+from moss_agent.protocol import format as fmt
 
 __all__ = ["batching", "plan_estimates", "prefix_cache", "streaming", "vs_langchain_huggingface", "wrapper_overhead"]
 
@@ -387,8 +387,8 @@ def plan_estimates() -> dict[str, Any]:
 
     The plan treats the published "GB" as GiB (bytes / 1024**3), as its calibration does.
     """
-    from moss_agent.hardware import Hardware
-    from moss_agent.plan import plan_load
+    from moss_agent.checkpoints.hardware import Hardware
+    from moss_agent.checkpoints.plan import plan_load
 
     plan = plan_load("fnlp/moss-moon-003-sft-plugin", Hardware.simulated(gpu_gib=(80.0,)), "fp16")
     estimates = dict(plan.alternatives)

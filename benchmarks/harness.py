@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moss_agent import format as fmt
-from moss_agent.engine import Delta, Generation, SamplingParams
+from moss_agent.engines.base import Delta, Generation, SamplingParams
+from moss_agent.protocol import format as fmt
 
 __all__ = [
     "SETTINGS",
@@ -95,8 +95,8 @@ class Bench:
         return SamplingParams(max_new_tokens=self.settings.new_tokens, do_sample=False, stop_tokens=stop_tokens)
 
     def engine(self, prefix_cache: bool = True) -> Any:
-        """A fresh :class:`~moss_agent.engine.TransformersEngine` on the shared model."""
-        from moss_agent.engine import TransformersEngine
+        """A fresh :class:`~moss_agent.engines.transformers.TransformersEngine` on the shared model."""
+        from moss_agent.engines.transformers import TransformersEngine
 
         return TransformersEngine(self.model, self.tokenizer, model_name="bench", prefix_cache=prefix_cache)
 
@@ -111,7 +111,7 @@ def build_bench(settings: Settings) -> Bench:
     """
     import torch
 
-    from moss_agent.loading import load_moss
+    from moss_agent.checkpoints.loading import load_moss
     from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
     s = settings

@@ -28,15 +28,15 @@ from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 from langchain_core.callbacks import CallbackManagerForChainRun
-from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage, SystemMessage
+from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, HumanMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable, ensure_config
 from langchain_core.runnables.config import patch_config
 from langchain_core.runnables.utils import ConfigurableFieldSpec
 from pydantic import ConfigDict, Field, PrivateAttr
 
-from moss_agent import format as fmt
 from moss_agent.chat_model import ChatMoss
-from moss_agent.messages import RAW_COMMANDS, RAW_RESULTS, REASONING, VERBATIM, message_text, system_text
+from moss_agent.messages import VERBATIM, message_text, stored_messages, system_text
+from moss_agent.protocol import format as fmt
 
 __all__ = ["MossConversationChain", "input_text"]
 
@@ -64,13 +64,7 @@ def input_text(value: Any, keys: tuple[str, ...] = ("input", "question", "query"
 
 def history_messages(memory: Any) -> list[BaseMessage]:
     """The memory's system text and shown turns as messages that ChatMoss renders back byte for byte."""
-    messages: list[BaseMessage] = [SystemMessage(memory.system)]
-    for turn in memory.turns():
-        # Stored text is already scrubbed: VERBATIM keeps it exactly, the raw segments keep odd commands and results.
-        messages.append(HumanMessage(turn.human, additional_kwargs={VERBATIM: True}))
-        extra = {REASONING: turn.inner_thoughts, RAW_COMMANDS: turn.commands, RAW_RESULTS: turn.results}
-        messages.append(AIMessage(turn.reply, additional_kwargs=extra))
-    return messages
+    return stored_messages(memory.system, memory.turns())
 
 
 class MossConversationChain(RunnableSerializable[dict[str, Any] | str, AIMessage]):
@@ -92,7 +86,7 @@ class MossConversationChain(RunnableSerializable[dict[str, Any] | str, AIMessage
     chat: ChatMoss
     """The chat model (its engine, sampling settings and switch style)."""
     memory: Any = None
-    """A :mod:`moss_agent.memory` memory for calls without a session id; a :class:`BufferMemory` by default."""
+    """A :mod:`moss_agent.memory.turns` memory for calls without a session id; a :class:`BufferMemory` by default."""
     memory_factory: MemoryFactory | None = Field(default=None, exclude=True)
     """Builds the memory of a session id (called once per id; the memory is then kept)."""
 
@@ -121,11 +115,11 @@ class MossConversationChain(RunnableSerializable[dict[str, Any] | str, AIMessage
         Args:
             chat: The chat model.
             path: The database file.
-            memory_class: A memory class of :mod:`moss_agent.memory` (``BufferMemory`` by default).
+            memory_class: A memory class of :mod:`moss_agent.memory.turns` (``BufferMemory`` by default).
             **memory_kwargs: Further arguments of the memory class (``k=`` for a window, ...).
         """
         from moss_agent.memory import BufferMemory
-        from moss_agent.memory_store import SQLiteStore
+        from moss_agent.memory.store import SQLiteStore
 
         store = SQLiteStore(path)
         kind = memory_class or BufferMemory

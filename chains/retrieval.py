@@ -39,13 +39,13 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableConfig, RunnableSerializable, ensure_config
 from langchain_core.runnables.config import patch_config
-from moss_agent.chains.conversation import input_text
 from pydantic import ConfigDict, Field
 
-from moss_agent import format as fmt
-from moss_agent import plugins as _plugins
+from moss_agent.chains.conversation import input_text
 from moss_agent.chat_model import ChatMoss
 from moss_agent.messages import REASONING, message_text
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import plugins as _plugins
 
 __all__ = ["MossRetrievalChain", "bracket_citations", "find_citations"]
 

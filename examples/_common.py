@@ -23,7 +23,7 @@ def resolve_model(model: str | None) -> str:
     """The checkpoint to use: ``model``, or the demonstration model (trained and cached on first use)."""
     if model:
         return model
-    from moss_agent.demo_model import demo_checkpoint
+    from moss_agent.demo.model import demo_checkpoint
 
     print("(using the tiny demonstration model; pass --model for a real MOSS checkpoint)", file=sys.stderr)
     return str(demo_checkpoint())
@@ -42,6 +42,6 @@ def search_tool(model: str | None):
 
     if model:
         return SearchTool()  # Tavily with TAVILY_API_KEY, else an (empty) local index: add your documents
-    from moss_agent.demo_data import DemoSearchBackend
+    from moss_agent.demo.data import DemoSearchBackend
 
     return SearchTool(backend=DemoSearchBackend())

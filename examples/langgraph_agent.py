@@ -10,9 +10,9 @@ from _common import chat_model, parse_args
 from langchain.agents import create_agent
 from langchain_core.tools import tool
 from langgraph.checkpoint.memory import InMemorySaver
-from moss_agent.tools import CalculatorTool
 
-from moss_agent.data import from_messages
+from moss_agent.messages import from_messages
+from moss_agent.tools import CalculatorTool
 
 
 @tool

@@ -4,9 +4,9 @@ python examples/plugin_agent.py [--model PATH_OR_ID]
 """
 
 from _common import chat_model, parse_args, search_tool
-from moss_agent.tools import CalculatorTool, EquationSolverTool
 
 from moss_agent import MossAgent
+from moss_agent.tools import CalculatorTool, EquationSolverTool
 
 args = parse_args(__doc__.splitlines()[0])
 agent = MossAgent(chat_model(args.model), tools=[search_tool(args.model), CalculatorTool(), EquationSolverTool()])
@@ -14,7 +14,7 @@ agent = MossAgent(chat_model(args.model), tools=[search_tool(args.model), Calcul
 if args.model:
     questions = ["What is 37 * 12 + 5?", "Solve 3x + 7 = 25 for me.", "Thank you!"]
 else:  # questions the tiny demonstration model never saw, one conversation each (it learned short dialogues)
-    from moss_agent.demo_data import held_out_questions
+    from moss_agent.demo.data import held_out_questions
 
     questions = [q.human for q in held_out_questions(1, kinds=("calculator", "solver", "chat"))]
 

@@ -11,31 +11,33 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from moss_agent.agent import MossAgent
     from moss_agent.chat_model import ChatMoss
-    from moss_agent.data import from_messages, read_conversation, to_messages
-    from moss_agent.engine import Engine, SamplingParams, TransformersEngine
-    from moss_agent.format import MossConversation, MossTurn, scrub
+    from moss_agent.checkpoints.loading import load_moss, plan_load
+    from moss_agent.engines.base import Engine, SamplingParams
+    from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.llm import MossLLM
-    from moss_agent.loading import load_moss, plan_load
-    from moss_agent.parser import parse_conversation
+    from moss_agent.messages import from_messages, to_messages
+    from moss_agent.protocol.data import read_conversation
+    from moss_agent.protocol.format import MossConversation, MossTurn, scrub
+    from moss_agent.protocol.parser import parse_conversation
 
 __version__ = "0.1.0"
 
 _EXPORTS = {
     "ChatMoss": "moss_agent.chat_model",
-    "Engine": "moss_agent.engine",
+    "Engine": "moss_agent.engines.base",
     "MossAgent": "moss_agent.agent",
-    "MossConversation": "moss_agent.format",
+    "MossConversation": "moss_agent.protocol.format",
     "MossLLM": "moss_agent.llm",
-    "MossTurn": "moss_agent.format",
-    "SamplingParams": "moss_agent.engine",
-    "TransformersEngine": "moss_agent.engine",
-    "from_messages": "moss_agent.data",
-    "load_moss": "moss_agent.loading",
-    "parse_conversation": "moss_agent.parser",
-    "plan_load": "moss_agent.loading",
-    "read_conversation": "moss_agent.data",
-    "scrub": "moss_agent.format",
-    "to_messages": "moss_agent.data",
+    "MossTurn": "moss_agent.protocol.format",
+    "SamplingParams": "moss_agent.engines.base",
+    "TransformersEngine": "moss_agent.engines.transformers",
+    "from_messages": "moss_agent.messages",
+    "load_moss": "moss_agent.checkpoints.loading",
+    "parse_conversation": "moss_agent.protocol.parser",
+    "plan_load": "moss_agent.checkpoints.loading",
+    "read_conversation": "moss_agent.protocol.data",
+    "scrub": "moss_agent.protocol.format",
+    "to_messages": "moss_agent.messages",
 }
 
 __all__ = [

@@ -18,18 +18,14 @@ from collections.abc import AsyncIterator, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable, ensure_config
 from langchain_core.runnables.config import get_callback_manager_for_config, patch_config, run_in_executor
 from langchain_core.tools import BaseTool
 from pydantic import ConfigDict, Field
 
-from moss_agent import format as fmt
-from moss_agent import parser
-from moss_agent import plugins as _plugins
 from moss_agent.chat_model import ChatMoss
-from moss_agent.engine import Engine
-from moss_agent.format import Command
+from moss_agent.engines.base import Engine
 from moss_agent.messages import (
     RAW_COMMANDS,
     RAW_RESULTS,
@@ -37,8 +33,13 @@ from moss_agent.messages import (
     VERBATIM,
     message_text,
     results_from_outputs,
+    stored_messages,
     system_text,
 )
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import parser
+from moss_agent.protocol import plugins as _plugins
+from moss_agent.protocol.format import Command
 from moss_agent.tool_binding import BoundTool, bind_tools, command_for_tool_call, to_tool_call
 
 __all__ = ["AgentEvent", "CommandRun", "MossAgent", "TurnResult"]
@@ -143,7 +144,7 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
     tools: list[BaseTool] = Field(default_factory=list)
     """The tools; MOSS's four plugins map to their trained names, others get a switch line of the same shape."""
     memory: Any = None
-    """A :mod:`moss_agent.memory` memory; without one the agent keeps all turns in a plain list."""
+    """A :mod:`moss_agent.memory.turns` memory; without one the agent keeps all turns in a plain list."""
     max_commands: int = _plugins.MAX_COMMANDS
     """Most commands run per turn (the release ran four)."""
     system: str | None = None
@@ -180,11 +181,7 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
             if self.memory.system != system:
                 self.memory.system = system  # counted by token budgets and saved with the session
             self.memory.fit(fmt.segment(fmt.HUMAN, human) + fmt.THOUGHTS + ":")
-        messages: list[BaseMessage] = [SystemMessage(system)]
-        for turn in self._turns():
-            messages.append(HumanMessage(turn.human, additional_kwargs={VERBATIM: True}))
-            raw = {REASONING: turn.inner_thoughts, RAW_COMMANDS: turn.commands, RAW_RESULTS: turn.results}
-            messages.append(AIMessage(turn.reply, additional_kwargs=raw))
+        messages = stored_messages(system, self._turns())
         messages.append(HumanMessage(human, additional_kwargs={VERBATIM: True}))  # scrubbed by _turn
         return messages
 

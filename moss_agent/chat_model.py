@@ -24,12 +24,13 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import run_in_executor
 
-from moss_agent import format as fmt
-from moss_agent import parser
-from moss_agent.engine import Delta, Generation, SamplingParams
-from moss_agent.llm import _CALL_OPTIONS, EngineHolder, MossSettings
+from moss_agent.engines.base import Delta, Generation, SamplingParams, cut_at_stop
+from moss_agent.llm import EngineHolder, MossSettings
 from moss_agent.messages import RAW_COMMANDS, RAW_RESULTS, REASONING, PendingTurn, RenderedChat, render_messages
-from moss_agent.plugins import format_result_entry
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import stream as moss_stream
+from moss_agent.protocol.plugins import format_result_entry
+from moss_agent.settings import CALL_OPTIONS
 from moss_agent.tool_binding import BoundTool, ToolChoice, bind_tools, new_call_id, resolve_tool_choice, to_tool_call
 
 __all__ = ["ChatMoss", "EngineHolder", "MossSettings"]
@@ -168,7 +169,7 @@ class ChatMoss(MossSettings, BaseChatModel):
     def _steps(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any], run: _Run) -> _Steps:
         """The passes of one call: yields text pieces as they come, returns the outcome."""
         rendered, choice, tools = self._prepare(messages, kwargs)
-        options = {k: v for k, v in kwargs.items() if k in _CALL_OPTIONS}
+        options = {k: v for k, v in kwargs.items() if k in CALL_OPTIONS}
         pending = rendered.pending
         assert pending is not None
         outcome = _Outcome()
@@ -219,13 +220,13 @@ class ChatMoss(MossSettings, BaseChatModel):
 
     def _pass1(
         self, prompt: str, opened: str, options: dict[str, Any], run: _Run, outcome: _Outcome
-    ) -> Generator[_Piece, None, parser.Pass1]:
+    ) -> Generator[_Piece, None, moss_stream.Pass1]:
         """Generate pass 1 after ``prompt`` (whose prefilled tail ``opened`` belongs to pass 1's text).
 
         Yields the inner thoughts as they come (not those of ``opened``, already sent); user stop strings do
         not apply (they would cut the commands).
         """
-        stream = parser.StreamParser("pass1")
+        stream = moss_stream.StreamParser("pass1")
         stream.feed(opened)
         thoughts = _Thoughts()
         final: Generation | None = None
@@ -247,7 +248,7 @@ class ChatMoss(MossSettings, BaseChatModel):
         self, prompt: str, stop: list[str] | None, options: dict[str, Any], run: _Run, outcome: _Outcome
     ) -> Iterator[_Piece]:
         """Generate a reply, yielding its text as it comes (never part of an end token or role tag)."""
-        stream = parser.StreamParser("reply")
+        stream = moss_stream.StreamParser("reply")
         final: Generation | None = None
         for delta in run(prompt, self._params(stop, (fmt.EOM,), options)):
             for event in stream.feed(delta.text):
@@ -490,9 +491,9 @@ def _forced_target(choice: ToolChoice, calls: Sequence[Any], tools: Sequence[Bou
 
 
 def _cut(text: str, stops: Sequence[str]) -> str:
-    """``text`` up to the first stop string in it."""
-    cuts = [i for s in stops if s and (i := text.find(s)) >= 0]
-    return text[: min(cuts)].rstrip() if cuts else text
+    """``text`` up to the first stop string in it (trailing blanks before the stop dropped)."""
+    cut, stop = cut_at_stop(text, stops)
+    return cut.rstrip() if stop is not None else text
 
 
 def _usage(generations: Sequence[Generation]) -> UsageMetadata:

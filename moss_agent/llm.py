@@ -14,22 +14,12 @@ from langchain_core.outputs import Generation as LCGeneration
 from langchain_core.outputs import GenerationChunk, LLMResult
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr
 
-from moss_agent import format as fmt
-from moss_agent.engine import Engine, Generation, SamplingParams
+from moss_agent import settings
+from moss_agent.engines.base import Engine, Generation, SamplingParams
+from moss_agent.protocol import format as fmt
+from moss_agent.settings import CALL_OPTIONS
 
 __all__ = ["EngineHolder", "MossLLM", "MossSettings"]
-
-_CALL_OPTIONS = {
-    "max_tokens": "max_new_tokens",
-    "max_new_tokens": "max_new_tokens",
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "repetition_penalty": "repetition_penalty",
-    "do_sample": "do_sample",
-    "seed": "seed",
-}
-"""Per-call keyword arguments (``invoke(..., temperature=0)``) and the sampling field each one sets."""
 
 
 class EngineHolder:
@@ -61,7 +51,7 @@ class MossSettings(BaseModel):
     model: str | None = None
     """A MOSS checkpoint: local directory or hub id (``fnlp/moss-moon-003-sft-plugin``)."""
     engine: Any = Field(default=None, exclude=True)
-    """A ready :class:`~moss_agent.engine.Engine` to share instead of loading ``model``."""
+    """A ready :class:`~moss_agent.engines.base.Engine` to share instead of loading ``model``."""
     precision: str = "auto"
     """``auto``, ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``int4``."""
     device_map: Any = "auto"
@@ -70,15 +60,15 @@ class MossSettings(BaseModel):
     """Per-device memory limits for the device map, e.g. ``{0: "20GiB", "cpu": "30GiB"}``."""
     offload_folder: str | None = None
     """Folder for weights that fit nowhere else."""
-    max_new_tokens: int = Field(default=256, alias="max_tokens")
+    max_new_tokens: int = Field(default=settings.MAX_NEW_TOKENS, alias="max_tokens")
     """Upper bound on generated tokens per pass (also accepted as ``max_tokens``)."""
-    temperature: float = 0.7
+    temperature: float = settings.TEMPERATURE
     """Sampling temperature; 0 is greedy."""
-    top_p: float = 0.8
+    top_p: float = settings.TOP_P
     """Nucleus sampling mass."""
-    top_k: int = 40
+    top_k: int = settings.TOP_K
     """Top-k sampling."""
-    repetition_penalty: float = 1.02
+    repetition_penalty: float = settings.REPETITION_PENALTY
     """Repetition penalty of the release."""
     do_sample: bool = True
     """False for greedy decoding."""
@@ -119,12 +109,12 @@ class MossSettings(BaseModel):
 
             def build() -> Engine:
                 if self.base_url:
-                    from moss_agent.remote import RemoteEngine
+                    from moss_agent.engines.remote import RemoteEngine
 
                     local = self.tokenizer or (model if Path(model).is_dir() else None)
                     key = self.api_key.get_secret_value() if self.api_key else None
                     return RemoteEngine(self.base_url, model=model, api_key=key, dialect=self.dialect, tokenizer=local)
-                from moss_agent.engine import TransformersEngine
+                from moss_agent.engines.transformers import TransformersEngine
 
                 return TransformersEngine.from_pretrained(model, **kwargs)
 
@@ -146,9 +136,9 @@ class MossSettings(BaseModel):
     def _params(
         self, stop: Sequence[str] | None, stop_tokens: tuple[str, ...], options: Mapping[str, Any] | None = None
     ) -> SamplingParams:
-        """Sampling parameters from the fields, with per-call ``options`` (see ``_CALL_OPTIONS``) on top."""
-        values = {name: getattr(self, name) for name in set(_CALL_OPTIONS.values())}
-        values.update({_CALL_OPTIONS[k]: v for k, v in (options or {}).items() if k in _CALL_OPTIONS})
+        """Sampling parameters from the fields, with per-call ``options`` (see ``CALL_OPTIONS``) on top."""
+        values = {name: getattr(self, name) for name in set(CALL_OPTIONS.values())}
+        values.update({CALL_OPTIONS[k]: v for k, v in (options or {}).items() if k in CALL_OPTIONS})
         stops = tuple(dict.fromkeys((*(self.stop or ()), *(stop or ()))))
         return SamplingParams(**values, stop_tokens=stop_tokens, stop=stops)
 
@@ -185,7 +175,7 @@ class MossSettings(BaseModel):
         if self._tokenizer is None:
             if not self.model:
                 raise ValueError(f"{type(self).__name__} needs a model or an engine to count tokens")
-            from moss_agent.loading import load_tokenizer, resolve_checkpoint
+            from moss_agent.checkpoints.loading import load_tokenizer, resolve_checkpoint
 
             self._tokenizer = load_tokenizer(resolve_checkpoint(self.model, weights=False))[0]
         return list(self._tokenizer.encode(text, add_special_tokens=False))
@@ -194,7 +184,7 @@ class MossSettings(BaseModel):
 class MossLLM(MossSettings, BaseLLM):
     """MOSS as a LangChain completion model: the prompt is raw text, continued until ``<eom>``.
 
-    The caller writes the MOSS layout (see :mod:`moss_agent.format`); nothing is scrubbed or parsed, and the
+    The caller writes the MOSS layout (see :mod:`moss_agent.protocol.format`); nothing is scrubbed or parsed, and the
     text is returned as generated, up to (not including) the end token or stop string that ended it. Useful
     for the base model and for prompts built by hand. Several prompts run as one batch.
 

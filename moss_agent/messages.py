@@ -22,10 +22,10 @@ from typing import Any
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 
-from moss_agent import format as fmt
-from moss_agent import plugins as _plugins
-from moss_agent.format import Command, MossConversation, MossTurn
-from moss_agent.parser import parse_commands
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import plugins as _plugins
+from moss_agent.protocol.format import Command, MossConversation, MossTurn
+from moss_agent.protocol.parser import parse_commands
 from moss_agent.tool_binding import BoundTool, command_for_tool_call
 
 __all__ = [
@@ -146,6 +146,19 @@ def _split_results(body: str, commands: Sequence[Command]) -> list[str]:
 def _arg_name(name: str) -> str:
     plugin = _plugins.by_api(name)
     return plugin.arg if plugin and plugin.arg else "input"
+
+
+def stored_messages(system: str, turns: Sequence[MossTurn]) -> list[BaseMessage]:
+    """Stored turns (already scrubbed) as messages that ChatMoss renders back byte for byte.
+
+    ``VERBATIM`` keeps the human text exactly; the raw segments keep odd commands and results as they were.
+    """
+    messages: list[BaseMessage] = [SystemMessage(system)]
+    for turn in turns:
+        messages.append(HumanMessage(turn.human, additional_kwargs={VERBATIM: True}))
+        raw = {REASONING: turn.inner_thoughts, RAW_COMMANDS: turn.commands, RAW_RESULTS: turn.results}
+        messages.append(AIMessage(turn.reply, additional_kwargs=raw))
+    return messages
 
 
 def to_messages(conv: MossConversation) -> list[BaseMessage]:

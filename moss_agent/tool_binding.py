@@ -20,9 +20,9 @@ from langchain_core.messages import InvalidToolCall, ToolCall
 from langchain_core.messages.tool import invalid_tool_call, tool_call
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from moss_agent import plugins as _plugins
-from moss_agent.format import Command
-from moss_agent.plugins import Plugin
+from moss_agent.protocol import plugins as _plugins
+from moss_agent.protocol.format import Command
+from moss_agent.protocol.plugins import Plugin
 
 __all__ = [
     "BoundTool",

@@ -18,8 +18,11 @@ import importlib
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from moss_agent.protocol import plugins
+
 if TYPE_CHECKING:
     from langchain_core.tools import BaseTool
+
     from moss_agent.tools.calculator import CalculatorTool
     from moss_agent.tools.equation_solver import EquationSolverTool
     from moss_agent.tools.search import SearchTool
@@ -27,13 +30,14 @@ if TYPE_CHECKING:
 
 __all__ = ["CalculatorTool", "EquationSolverTool", "SearchTool", "TextToImageTool", "make_tools"]
 
-# Plugin key (as in moss_agent.plugins) -> (module, class); imported on first use to keep imports light.
-_TOOLS = {
-    "search": ("moss_agent.tools.search", "SearchTool"),
-    "calculator": ("moss_agent.tools.calculator", "CalculatorTool"),
-    "solver": ("moss_agent.tools.equation_solver", "EquationSolverTool"),
-    "text2image": ("moss_agent.tools.text_to_image", "TextToImageTool"),
+# Plugin -> (module, class) of its tool; imported on first use to keep imports light.
+_CLASSES = {
+    plugins.WEB_SEARCH: ("moss_agent.tools.search", "SearchTool"),
+    plugins.CALCULATOR: ("moss_agent.tools.calculator", "CalculatorTool"),
+    plugins.EQUATION_SOLVER: ("moss_agent.tools.equation_solver", "EquationSolverTool"),
+    plugins.TEXT_TO_IMAGE: ("moss_agent.tools.text_to_image", "TextToImageTool"),
 }
+_TOOLS = {key: _CLASSES[plugins.by_key(key)] for key in plugins.TOOL_KEYS}
 _BY_CLASS = {cls: module for module, cls in _TOOLS.values()}
 
 

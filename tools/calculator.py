@@ -1,8 +1,8 @@
 """The MOSS calculator plugin (``Calculate``) as a LangChain tool.
 
 The model's expression is checked here, in the agent process, against the allowlist of
-:mod:`moss_agent.tools._safe_math` (text that is not plain arithmetic never goes further), then evaluated with
-sympy in a time-bounded worker process (:mod:`moss_agent.tools._bounded`). Results print as the calculator
+:mod:`moss_agent.tools.math.check` (text that is not plain arithmetic never goes further), then evaluated with
+sympy in a time-bounded worker process (:mod:`moss_agent.tools.math.worker`). Results print as the calculator
 that recorded MOSS's training data printed them: Python's numbers, ``^`` as power (``12*3`` -> ``'36'``,
 ``20/2`` -> ``'10.0'``, ``12*sqrt(3)`` -> ``'20.784609690826528'``), and ``'No result.'`` on any failure.
 
@@ -22,11 +22,11 @@ from typing import TypedDict, cast
 from langchain_core.callbacks import CallbackManagerForToolRun
 from pydantic import BaseModel, Field
 
-from moss_agent.plugins import CALCULATOR, format_calculate
+from moss_agent.protocol.plugins import CALCULATOR, format_calculate
 
-from ._bounded import MathWorker, WorkerError, shared_worker
-from ._math_tool import DEFAULT_TIMEOUT, MathTool
-from ._safe_math import MathInputError, MathLimits, describe, parse_calculation
+from .math.base import DEFAULT_TIMEOUT, MathTool
+from .math.check import MathInputError, MathLimits, describe, parse_calculation
+from .math.worker import MathWorker, WorkerError, shared_worker
 
 __all__ = ["DEFAULT_TIMEOUT", "CalculateArtifact", "CalculateInput", "CalculatorTool", "calculate", "evaluate"]
 

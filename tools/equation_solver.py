@@ -3,7 +3,7 @@
 Input is what MOSS writes: equations separated by ``;`` (or ``,``), ``^`` as power, implicit multiplication
 (``2x``, ``0.45(10y+x)``); the variables are found automatically, and a trailing bare expression names the
 ones to solve for (``2t+6t+t=1, t``). The text is checked here against the allowlist of
-:mod:`moss_agent.tools._safe_math`, then solved with sympy in a time-bounded worker process.
+:mod:`moss_agent.tools.math.check`, then solved with sympy in a time-bounded worker process.
 
 The output follows the recorded solver: one ``name = value`` line per variable, sorted by name; exact
 rationals stay exact (``x = 17/3``), values that involve floats print as sympy's 15-digit floats
@@ -26,11 +26,11 @@ from typing import TypedDict, cast
 from langchain_core.callbacks import CallbackManagerForToolRun
 from pydantic import BaseModel, Field
 
-from moss_agent.plugins import EQUATION_SOLVER, format_solve
+from moss_agent.protocol.plugins import EQUATION_SOLVER, format_solve
 
-from ._bounded import MathWorker, WorkerError, shared_worker
-from ._math_tool import DEFAULT_TIMEOUT, MathTool
-from ._safe_math import MathInputError, MathLimits, describe, parse_equations
+from .math.base import DEFAULT_TIMEOUT, MathTool
+from .math.check import MathInputError, MathLimits, describe, parse_equations
+from .math.worker import MathWorker, WorkerError, shared_worker
 
 __all__ = [
     "DEFAULT_TIMEOUT",

@@ -28,6 +28,10 @@ from typing import Any, Literal, TypeVar
 from langchain_core.callbacks import CallbackManagerForToolRun
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.tools import BaseTool
+from pydantic import BaseModel, Field, field_validator
+
+from moss_agent.protocol.format import scrub
+from moss_agent.protocol.plugins import NO_RESULT, SNIPPET_LIMIT, WEB_SEARCH, format_search_hits
 from moss_agent.tools.search_backends import (
     LocalDocumentsBackend,
     RetrieverBackend,
@@ -35,10 +39,6 @@ from moss_agent.tools.search_backends import (
     SearchHit,
     default_backend,
 )
-from pydantic import BaseModel, Field, field_validator
-
-from moss_agent.format import scrub
-from moss_agent.plugins import NO_RESULT, SNIPPET_LIMIT, WEB_SEARCH, format_search_hits
 
 __all__ = ["SearchInput", "SearchTool"]
 
@@ -85,7 +85,7 @@ class SearchTool(BaseTool):
     """Web search in MOSS's result format (``Search(query)``), over any backend.
 
     The content is the hit lines numbered from 1 (MossAgent renumbers them across the Search calls of one turn
-    with ``moss_agent.plugins.renumber_search_hits``); the artifact is the list of hits as dicts with
+    with ``moss_agent.protocol.plugins.renumber_search_hits``); the artifact is the list of hits as dicts with
     ``title``, ``url`` and ``snippet`` (scrubbed, uncut).
 
     By default the backend is Tavily when ``TAVILY_API_KEY`` is set, else an empty local index (which finds

@@ -1,7 +1,7 @@
 """MOSS's ``Text2Image(description)`` plugin as a LangChain tool, on a diffusers pipeline.
 
 The pipeline (``AutoPipelineForText2Image``) is loaded on first use, on the GPU in half precision when there
-is one, else on the CPU in fp32 (``moss_agent.hardware.torch_device_and_dtype``). Each image is written as a
+is one, else on the CPU in fp32 (``moss_agent.checkpoints.hardware.torch_device_and_dtype``). Each image is written as a
 PNG with a random name inside the output folder (nothing from the prompt reaches the file system); the tool
 returns MOSS's ``Image generated successfully.`` and the file path as its artifact. Failures give
 ``No result.``.
@@ -28,8 +28,8 @@ from langchain_core.callbacks import CallbackManagerForToolRun
 from langchain_core.tools import BaseTool
 from pydantic import BaseModel, Field, PrivateAttr, field_validator
 
-from moss_agent.format import scrub
-from moss_agent.plugins import NO_RESULT, TEXT2IMAGE_DONE, TEXT_TO_IMAGE
+from moss_agent.protocol.format import scrub
+from moss_agent.protocol.plugins import NO_RESULT, TEXT2IMAGE_DONE, TEXT_TO_IMAGE
 
 __all__ = ["DEFAULT_TEXT2IMAGE_MODEL", "TextToImageInput", "TextToImageTool"]
 
@@ -111,7 +111,7 @@ class TextToImageTool(BaseTool):
         if self.pipeline is None:
             from diffusers import AutoPipelineForText2Image
 
-            from moss_agent.hardware import torch_device_and_dtype
+            from moss_agent.checkpoints.hardware import torch_device_and_dtype
 
             device, dtype = torch_device_and_dtype()
             device = self.device or device

@@ -57,13 +57,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from moss_agent.server.cli import add_serve_parser
-
 if TYPE_CHECKING:
     from moss_agent.server.app import create_app
     from moss_agent.server.schemas import ServerSettings
 
-__all__ = ["ServerSettings", "add_serve_parser", "create_app"]
+__all__ = ["ServerSettings", "create_app"]
 
 
 def __getattr__(name: str) -> Any:

@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from moss_agent.chat_model import ChatMoss
-from moss_agent.engine import ContextWindowExceededError
+from moss_agent.engines.base import ContextWindowExceededError
 from moss_agent.memory import ContextBudgetError
-from moss_agent.memory_store import SQLiteStore, new_session_id
+from moss_agent.memory.store import SQLiteStore, new_session_id
 from moss_agent.server.queue import ModelQueue, QueueFullError, RequestTimeoutError
 from moss_agent.server.schemas import (
     CONVERSATION_ID,
@@ -84,7 +84,7 @@ def create_app(
     """Build the server app.
 
     Args:
-        model: A ChatMoss, an :class:`~moss_agent.engine.Engine`, or a checkpoint path / hub id (loaded on the
+        model: A ChatMoss, an :class:`~moss_agent.engines.base.Engine`, or a checkpoint path / hub id (loaded on the
             first request; load it beforehand to keep that out of the first request's time limit).
         tools: The server-side plugins (e.g. ``moss_agent.tools.make_tools(...)``).
         store: The conversation store, or a path for one; an in-memory database when None (lost at exit).

@@ -24,12 +24,10 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-from moss_agent import format as fmt
-from moss_agent import plugins as _plugins
 from moss_agent.agent import CommandRun, MossAgent, TurnResult
 from moss_agent.chat_model import ChatMoss
 from moss_agent.memory import TokenBudgetMemory
-from moss_agent.memory_store import SQLiteStore, json_artifacts
+from moss_agent.memory.store import SQLiteStore, json_artifacts
 from moss_agent.messages import (
     RAW_COMMANDS,
     REASONING,
@@ -39,6 +37,8 @@ from moss_agent.messages import (
     system_text,
     to_messages,
 )
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import plugins as _plugins
 from moss_agent.tool_binding import bind_tools
 
 __all__ = ["IMAGE_NAME", "Event", "MossService", "TurnRequest", "plugin_key"]

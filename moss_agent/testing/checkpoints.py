@@ -27,9 +27,18 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from moss_agent import format as fmt
+from moss_agent.checkpoints.files import (
+    ENDOFTEXT,
+    WeightsFormat,
+    moss_config,
+    write_json,
+    write_moss_tokenizer,
+    write_weights,
+)
+from moss_agent.protocol import format as fmt
+from moss_agent.settings import cache_dir
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -41,10 +50,9 @@ __all__ = [
     "tiny_moss_tokenizer_dir",
 ]
 
-CHECKPOINT_VERSION = "1"
+CHECKPOINT_VERSION = "2"
 """Bumped whenever the layout or the corpus changes, so that stale cached checkpoints are not reused."""
 
-ENDOFTEXT = "<|endoftext|>"
 MOSS_ADDED_TOKENS: tuple[str, ...] = fmt.END_TOKENS
 """The added special tokens of the MOSS tokenizer, in id order."""
 
@@ -57,12 +65,6 @@ TOKENIZER_FILES = (
 )
 N_POSITIONS = 2048
 GROUPSIZE = 128
-WeightsFormat = Literal["bin", "safetensors"]
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$MOSS_AGENT_CACHE`` or ``~/.cache/moss-agent``."""
-    return Path(os.environ.get("MOSS_AGENT_CACHE") or Path.home() / ".cache" / "moss-agent")
 
 
 # ---------------------------------------------------------------- the corpus and the tokenizer
@@ -144,18 +146,6 @@ def _corpus(n: int = 300, seed: int = 0) -> Iterator[str]:
         yield fmt.MossConversation(fmt.system_prompt(enabled), turns).to_text()
 
 
-def _added_token(content: str) -> dict[str, Any]:
-    # The release writes its special tokens in this serialised AddedToken form.
-    return {
-        "__type": "AddedToken",
-        "content": content,
-        "lstrip": False,
-        "normalized": True,
-        "rstrip": False,
-        "single_word": False,
-    }
-
-
 def _write_tokenizer(out: Path, bpe_vocab: int) -> None:
     """Train the byte-level BPE and write the five MOSS tokenizer files into ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -170,30 +160,8 @@ def _write_tokenizer(out: Path, bpe_vocab: int) -> None:
     )
     tok.train_from_iterator(_corpus(), trainer=trainer)
     model = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
-    vocab[ENDOFTEXT] = len(vocab)  # last entry of vocab.json, as GPT-2's and MOSS's
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
-    added = {t: len(vocab) + i for i, t in enumerate(MOSS_ADDED_TOKENS)}
-
-    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    (out / "added_tokens.json").write_text(json.dumps(added, indent=2), encoding="utf-8")
-    special = {"bos_token": ENDOFTEXT, "eos_token": fmt.EOM, "unk_token": ENDOFTEXT}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2), encoding="utf-8")
-    config = {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "auto_map": {"AutoTokenizer": ["tokenization_moss.MossTokenizer", None]},
-        "bos_token": _added_token(ENDOFTEXT),
-        "eos_token": _added_token(fmt.EOM),
-        "unk_token": _added_token(ENDOFTEXT),
-        "errors": "replace",
-        "model_max_length": N_POSITIONS,
-        "name_or_path": "moss-agent/tiny-moss",
-        "special_tokens_map_file": None,
-        "tokenizer_class": "MossTokenizer",
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    write_moss_tokenizer(out, model["vocab"], merges, MOSS_ADDED_TOKENS, name="moss-agent/tiny-moss")
 
 
 # ---------------------------------------------------------------- weights
@@ -240,84 +208,6 @@ def _state_dict(seed: int, n_layer: int, n_embd: int, vocab: int, dtype: str, wb
     sd["lm_head.weight"] = normal(vocab, n_embd)
     sd["lm_head.bias"] = normal(vocab)
     return sd
-
-
-def _write_weights(out: Path, sd: dict[str, Any], shards: int, fmt_: WeightsFormat) -> None:
-    """Split ``sd`` into ``shards`` files of about equal size and write the index."""
-    import torch
-
-    sizes = {k: v.numel() * v.element_size() for k, v in sd.items()}
-    total = sum(sizes.values())
-    stem, ext = ("pytorch_model", "bin") if fmt_ == "bin" else ("model", "safetensors")
-    groups: list[dict[str, torch.Tensor]] = [{} for _ in range(shards)]
-    seen = 0
-    for name, tensor in sd.items():
-        groups[min(shards - 1, seen * shards // max(total, 1))][name] = tensor
-        seen += sizes[name]
-    weight_map: dict[str, str] = {}
-    for n, group in enumerate(groups, 1):
-        fname = f"{stem}-{n:05d}-of-{shards:05d}.{ext}" if shards > 1 else f"{stem}.{ext}"
-        if fmt_ == "bin":
-            torch.save(group, out / fname)
-        else:
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in group.items()}, str(out / fname), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(group, fname))
-    if shards > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (out / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2), encoding="utf-8")
-
-
-def _config(
-    n_layer: int, n_embd: int, n_head: int, rotary_dim: int, vocab: int, dtype: str, wbits: int | None
-) -> dict[str, Any]:
-    """The released ``config.json`` keys, for these sizes."""
-    config: dict[str, Any] = {
-        "_name_or_path": "moss-agent/tiny-moss",
-        "activation_function": "gelu_new",
-        "architectures": ["MossForCausalLM"],
-        "attn_pdrop": 0.0,
-        "auto_map": {
-            "AutoConfig": "configuration_moss.MossConfig",
-            "AutoModel": "modeling_moss.MossModel",
-            "AutoModelForCausalLM": "modeling_moss.MossForCausalLM",
-        },
-        "bos_token_id": None,  # filled from the tokenizer
-        "embd_pdrop": 0.0,
-        "eos_token_id": None,
-        "gradient_checkpointing": False,
-        "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05,
-        "model_type": "moss",
-        "n_ctx": N_POSITIONS,
-        "n_embd": n_embd,
-        "n_head": n_head,
-        "n_inner": None,
-        "n_layer": n_layer,
-        "n_positions": N_POSITIONS,
-        "resid_pdrop": 0.0,
-        "rotary_dim": rotary_dim,
-        "scale_attn_weights": True,
-        "summary_activation": None,
-        "summary_first_dropout": 0.1,
-        "summary_proj_to_labels": True,
-        "summary_type": "cls_index",
-        "summary_use_proj": True,
-        "tie_word_embeddings": False,
-        "tokenizer_class": "GPT2Tokenizer",
-        "torch_dtype": dtype,
-        "transformers_version": "4.25.1",
-        "use_cache": True,
-        "vocab_size": vocab,
-    }
-    if wbits:
-        config["wbits"] = wbits
-        config["groupsize"] = GROUPSIZE
-    return config
-
-
-# ---------------------------------------------------------------- caching
 
 
 def _cached(key: dict[str, Any], build: Callable[[Path], None], path: str | Path | None) -> Path:
@@ -430,11 +320,11 @@ def tiny_moss_checkpoint(
         rows = vocab_size if vocab_size is not None else -(-n_tokens // 64) * 64
         if rows < n_tokens:
             raise ValueError(f"vocab_size={rows} is smaller than the tokenizer ({n_tokens} tokens)")
-        config = _config(n_layer, n_embd, n_head, rotary_dim, rows, dtype, config_wbits or quantized)
+        config = moss_config(n_layer, n_embd, n_head, rotary_dim, rows, dtype, config_wbits or quantized)
         config["bos_token_id"] = vocab[ENDOFTEXT]
         config["eos_token_id"] = added[fmt.EOM]
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        _write_weights(out, _state_dict(seed, n_layer, n_embd, rows, dtype, quantized), shards, weights_format)
+        write_json(out / "config.json", config)
+        write_weights(out, _state_dict(seed, n_layer, n_embd, rows, dtype, quantized), shards, weights_format)
 
     return _cached(key, build, path)
 

@@ -20,9 +20,9 @@ from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from moss_agent._decoding import common_prefix
-from moss_agent.engine import Delta, Generation, SamplingParams, fit_context
-from moss_agent.format import END_TOKENS, EOM
+from moss_agent.engines.base import Delta, Generation, SamplingParams, cut_at_stop, fit_context
+from moss_agent.engines.decoding import common_prefix
+from moss_agent.protocol.format import END_TOKENS, EOM
 
 __all__ = ["ScriptExhaustedError", "ScriptedCall", "ScriptedEngine", "scripted_tokens"]
 
@@ -62,9 +62,9 @@ class ScriptedCall:
 
 
 class ScriptedEngine:
-    """An :class:`~moss_agent.engine.Engine` that replays scripted outputs in order, one per prompt.
+    """An :class:`~moss_agent.engines.base.Engine` that replays scripted outputs in order, one per prompt.
 
-    A :class:`~moss_agent.engine.Generation` is returned as given. A string is read as model output token by
+    A :class:`~moss_agent.engines.base.Generation` is returned as given. A string is read as model output token by
     token (see :func:`scripted_tokens`) and ends, like a real model's output, at the first of:
 
     * a token in ``params.stop_tokens``: ``stop_reason`` is that token, the text is what came before it;
@@ -173,11 +173,8 @@ class ScriptedEngine:
             if token in params.stop_tokens or token == self.eos_token:
                 reason = token if token in params.stop_tokens else "eos"
                 break
-            text += token
-            found = [(i, s) for s in params.stop if s and (i := text.find(s)) >= 0]
-            if found:
-                cut, reason = min(found)
-                text = text[:cut]
+            text, reason = cut_at_stop(text + token, params.stop)
+            if reason is not None:
                 break
         if reason is None and len(taken) >= params.max_new_tokens:
             reason = "length"

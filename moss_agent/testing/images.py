@@ -14,17 +14,14 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from moss_agent.settings import cache_dir
+
 __all__ = ["TINY_TEXT2IMAGE_VERSION", "cache_dir", "tiny_text2image_pipeline"]
 
 TINY_TEXT2IMAGE_VERSION = "tiny-sd-v1"
 """Bumped whenever the recipe below changes, so that stale cached pipelines are not reused."""
 
 _MARKER = "model_index.json"
-
-
-def cache_dir() -> Path:
-    """The moss-agent cache folder: ``$MOSS_AGENT_CACHE`` or ``~/.cache/moss-agent``."""
-    return Path(os.environ.get("MOSS_AGENT_CACHE") or Path.home() / ".cache" / "moss-agent")
 
 
 def _bytes_to_unicode() -> dict[int, str]:

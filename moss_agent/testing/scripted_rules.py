@@ -32,8 +32,8 @@ import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from moss_agent import format as fmt
-from moss_agent.engine import Delta, Generation, SamplingParams
+from moss_agent.engines.base import Delta, Generation, SamplingParams
+from moss_agent.protocol import format as fmt
 from moss_agent.testing.engines import ScriptedEngine
 
 __all__ = ["RuleBasedEngine"]

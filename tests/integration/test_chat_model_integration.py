@@ -66,7 +66,7 @@ class TestChatMossRuleBased(ChatModelIntegrationTests):
 @cache
 def _tiny_engine() -> Any:
     torch = pytest.importorskip("torch")
-    from moss_agent.engine import TransformersEngine
+    from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
     torch.set_num_threads(1)  # a tiny model on shared cores: one thread is faster
@@ -102,7 +102,7 @@ def _joined(chunks: Any) -> Any:
 
 
 def test_lazy_load_from_a_checkpoint_directory():
-    from moss_agent import format as fmt
+    from moss_agent.protocol import format as fmt
     from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
     _tiny_engine()  # heavy imports done once
@@ -144,8 +144,8 @@ def test_greedy_stream_equals_invoke_and_pass2_reuses_the_cache():
 
 
 def test_moss_llm_on_the_real_engine():
-    from moss_agent import format as fmt
     from moss_agent.llm import MossLLM
+    from moss_agent.protocol import format as fmt
 
     llm = MossLLM(engine=_tiny_engine(), do_sample=False, max_tokens=12)
     prompt = fmt.chat_prompt(fmt.system_prompt(), [], "Hello")

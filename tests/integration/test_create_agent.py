@@ -17,11 +17,11 @@ from langchain_core.messages import AIMessage, ToolMessage
 from langchain_core.tools import BaseTool, tool
 from langgraph.checkpoint.memory import InMemorySaver
 
-from moss_agent import format as fmt
 from moss_agent.agent import MossAgent
 from moss_agent.chat_model import ChatMoss
-from moss_agent.data import from_messages
-from moss_agent.engine import Delta, Engine, Generation, SamplingParams
+from moss_agent.engines.base import Delta, Engine, Generation, SamplingParams
+from moss_agent.messages import from_messages
+from moss_agent.protocol import format as fmt
 from moss_agent.testing.engines import ScriptedEngine
 
 SYSTEM = (
@@ -192,7 +192,7 @@ class RecordingEngine:
 def tiny_engine() -> Iterator[Engine]:
     import torch
 
-    from moss_agent.engine import TransformersEngine
+    from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
     threads = torch.get_num_threads()

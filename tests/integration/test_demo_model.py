@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from moss_agent import demo_model
-from moss_agent import format as fmt
+from moss_agent.demo import model as demo_model
+from moss_agent.protocol import format as fmt
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # training runs about 3 minutes on two cores
 
 
 @pytest.fixture(scope="module")
@@ -58,23 +58,23 @@ def test_layout_is_the_released_one(short_runs: tuple[Path, Path, Path]) -> None
     assert set(index["weight_map"]) == set(_weights(path))
 
 
-def test_tokenizer_keeps_digits_punctuation_and_names_copyable(short_runs: tuple[Path, Path, Path]) -> None:
-    from moss_agent.loading import load_tokenizer
+def test_tokenizer_keeps_numbers_and_names_copyable(short_runs: tuple[Path, Path, Path]) -> None:
+    import re
+
+    from moss_agent.checkpoints.loading import load_tokenizer
 
     tokenizer, end_ids = load_tokenizer(short_runs[0])
     assert sorted(end_ids) == sorted(fmt.END_TOKENS)
     for tag in fmt.ROLE_TAGS:
         assert len(tokenizer.encode(tag, add_special_tokens=False)) == 1
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode("Find 1234 (x).", add_special_tokens=False))
-    assert pieces[-4:] == ["(", "x", ")", "."]
-    # A number is the same tokens after a space as inside Calculate("..."), so the model can copy it.
-    number = tokenizer.encode("1234", add_special_tokens=False)
-    assert tokenizer.encode("Find 1234", add_special_tokens=False)[-len(number) :] == number
-    assert tokenizer.encode('Calculate("1234")', add_special_tokens=False)[-len(number) - 2 : -2] == number
+    text = 'Who is Velsapry? Calculate("12+7*(3-1)") gives x = 1234.'
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode(text, add_special_tokens=False)]
+    # A space joins only a lowercase word; digits join only digits; punctuation stays alone.
+    assert all(re.fullmatch(r" ?[a-z]+|[A-Z][a-zA-Z]*|[0-9]+|[^A-Za-z0-9]", p) for p in pieces), pieces
     # A made-up name is the same tokens after a space as inside Search("...").
-    name = tokenizer.encode("Velsapry Oshim", add_special_tokens=False)
-    asked = tokenizer.encode("Who is Velsapry Oshim?", add_special_tokens=False)
-    command = tokenizer.encode('Search("Velsapry Oshim")', add_special_tokens=False)
+    name = tokenizer.encode("Velsapry", add_special_tokens=False)
+    asked = tokenizer.encode("Who is Velsapry?", add_special_tokens=False)
+    command = tokenizer.encode('Search("Velsapry")', add_special_tokens=False)
     assert asked[-len(name) - 1 : -1] == name and command[-len(name) - 2 : -2] == name
     text = fmt.system_prompt(["search"]) + "<|Human|>: 12 + 7 = ?<eoh>\n"
     assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
@@ -83,7 +83,7 @@ def test_tokenizer_keeps_digits_punctuation_and_names_copyable(short_runs: tuple
 def test_training_forward_is_codegens(short_runs: tuple[Path, Path, Path]) -> None:
     import torch
 
-    from moss_agent.loading import load_moss
+    from moss_agent.checkpoints.loading import load_moss
 
     model = load_moss(short_runs[0], precision="fp32", device_map="cpu").model
     ids = torch.randint(0, 800, (2, 40), generator=torch.Generator().manual_seed(0))
@@ -99,11 +99,13 @@ def test_training_forward_is_codegens(short_runs: tuple[Path, Path, Path]) -> No
 def test_demo_model_uses_plugins_on_unseen_questions(checkpoint: Path) -> None:
     report = demo_model.evaluate_demo_model(checkpoint, n=50)
     print(report)
-    # Measured on this code (n=20 and n=50): calculator 0.78-0.80, solver 0.75, search 0.70, chat 0.95, memory 1.0.
-    floors = {"calculator": 0.7, "solver": 0.6, "search": 0.55, "chat": 0.85, "memory": 0.6}
-    for kind, floor in floors.items():
-        assert report.command[kind] >= floor, (kind, report.command[kind], report.samples[kind])
-    assert report.reply["calculator"] >= 0.7 and report.reply["chat"] >= 0.75
+    # Measured with 100 questions per kind (greedy): commands 90 / 98 / 95 / 100 / 100 / 50 %,
+    # replies 97 / 94 / 89 / 100 / 94 / 99 %.
+    commands = {"calculator": 0.75, "solver": 0.85, "search": 0.8, "chat": 0.9, "memory": 0.9, "followup": 0.25}
+    replies = {"calculator": 0.8, "solver": 0.8, "search": 0.7, "chat": 0.9, "memory": 0.8, "followup": 0.8}
+    for kind in commands:
+        assert report.command[kind] >= commands[kind], (kind, report.command[kind], report.samples[kind])
+        assert report.reply[kind] >= replies[kind], (kind, report.reply[kind], report.samples[kind])
 
 
 def test_cached_checkpoint_is_reused(checkpoint: Path) -> None:

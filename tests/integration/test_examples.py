@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_model() -> Path:
-    from moss_agent.demo_model import demo_checkpoint
+    from moss_agent.demo.model import demo_checkpoint
 
     return demo_checkpoint()
 

@@ -19,8 +19,8 @@ import httpx
 import openai
 import pytest
 
-from moss_agent.engine import Delta, SamplingParams
-from moss_agent.memory_store import SQLiteStore
+from moss_agent.engines.base import Delta, SamplingParams
+from moss_agent.memory.store import SQLiteStore
 from moss_agent.server import ServerSettings, create_app
 from moss_agent.server.testing import running_server
 from moss_agent.testing.scripted_rules import RuleBasedEngine
@@ -54,9 +54,9 @@ class SlowEngine(RuleBasedEngine):
 def image_tool(tmp_path_factory: pytest.TempPathFactory) -> Any:
     pytest.importorskip("diffusers")
     import torch
-    from moss_agent.tools.text_to_image import TextToImageTool
 
     from moss_agent.testing.images import tiny_text2image_pipeline
+    from moss_agent.tools.text_to_image import TextToImageTool
 
     torch.set_num_threads(1)  # 2 shared cores: torch's own threads only oversubscribe them
     folder = tmp_path_factory.mktemp("images")
@@ -384,12 +384,12 @@ def test_time_limit_and_full_queue(tmp_path: Path) -> None:
 
 def test_a_real_tiny_checkpoint_answers_as_the_agent_does(tmp_path: Path) -> None:
     import torch
-    from moss_agent.tools import make_tools
 
     from moss_agent.agent import MossAgent
     from moss_agent.chat_model import ChatMoss
-    from moss_agent.engine import TransformersEngine
+    from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.testing.checkpoints import tiny_moss_checkpoint
+    from moss_agent.tools import make_tools
 
     torch.set_num_threads(1)
     engine = TransformersEngine.from_pretrained(tiny_moss_checkpoint())
@@ -412,7 +412,7 @@ def test_a_real_tiny_checkpoint_answers_as_the_agent_does(tmp_path: Path) -> Non
 def test_serve_command_line() -> None:
     import argparse
 
-    from moss_agent.server import add_serve_parser
+    from moss_agent.cli.serve import add_serve_parser
 
     parser = argparse.ArgumentParser(prog="moss-agent")
     add_serve_parser(parser.add_subparsers(dest="command", required=True))

@@ -12,8 +12,8 @@ from typing import Any
 import openai
 import pytest
 
-from moss_agent.engine import Delta, SamplingParams
-from moss_agent.memory_store import SQLiteStore
+from moss_agent.engines.base import Delta, SamplingParams
+from moss_agent.memory.store import SQLiteStore
 from moss_agent.server import ServerSettings, create_app
 from moss_agent.server.testing import running_server
 from moss_agent.testing.scripted_rules import RuleBasedEngine

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from moss_agent.memory_store import SQLiteStore
+from moss_agent.memory.store import SQLiteStore
 from moss_agent.server import ServerSettings, create_app
 from moss_agent.server.testing import running_server
 from moss_agent.testing.scripted_rules import RuleBasedEngine
@@ -55,10 +55,10 @@ def browser() -> Iterator[Any]:
 def server(tmp_path: Path) -> Iterator[tuple[str, SQLiteStore]]:
     pytest.importorskip("diffusers")
     import torch
-    from moss_agent.tools import make_tools
-    from moss_agent.tools.text_to_image import TextToImageTool
 
     from moss_agent.testing.images import tiny_text2image_pipeline
+    from moss_agent.tools import make_tools
+    from moss_agent.tools.text_to_image import TextToImageTool
 
     torch.set_num_threads(1)  # 2 shared cores: torch's own threads only oversubscribe them
     painter = TextToImageTool(

@@ -26,16 +26,17 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
-from moss_agent.tools import CalculatorTool
 
 from moss_agent.agent import MossAgent
 from moss_agent.chat_model import ChatMoss
-from moss_agent.convert import convert
-from moss_agent.engine import Delta, Engine, Generation, SamplingParams, TransformersEngine
-from moss_agent.hardware import Hardware
-from moss_agent.loading import load_tokenizer
-from moss_agent.remote import RemoteEngine
+from moss_agent.checkpoints.convert import convert
+from moss_agent.checkpoints.hardware import Hardware
+from moss_agent.checkpoints.loading import load_tokenizer
+from moss_agent.engines.base import Delta, Engine, Generation, SamplingParams
+from moss_agent.engines.remote import RemoteEngine
+from moss_agent.engines.transformers import TransformersEngine
 from moss_agent.testing.checkpoints import tiny_moss_checkpoint
+from moss_agent.tools import CalculatorTool
 
 pytestmark = pytest.mark.slow  # starting the server takes 10-40 s on two busy cores
 

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.tools import BaseTool, tool
 
-from moss_agent import format as fmt
 from moss_agent.agent import MossAgent, TurnResult
 from moss_agent.chat_model import ChatMoss
 from moss_agent.memory import BufferMemory, TokenBudgetMemory, WindowMemory
-from moss_agent.parser import parse_conversation
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol.parser import parse_conversation
 from moss_agent.testing.engines import ScriptedEngine
 
 META = fmt.META_INSTRUCTION
@@ -151,9 +151,9 @@ def test_a_search_page_cannot_forge_a_turn(search: BaseTool) -> None:
 @pytest.mark.slow  # importing diffusers takes 10-40 s on a shared machine (once per test session)
 def test_text2image_turn_writes_the_bare_sentence_and_returns_the_png(tmp_path: Path) -> None:
     import torch
-    from moss_agent.tools.text_to_image import TextToImageTool
 
     from moss_agent.testing.images import tiny_text2image_pipeline
+    from moss_agent.tools.text_to_image import TextToImageTool
 
     painter = TextToImageTool(
         model=str(tiny_text2image_pipeline()), output_dir=tmp_path, steps=1, height=16, width=16, seed=0

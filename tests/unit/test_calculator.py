@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import ToolMessage
 from langchain_tests.unit_tests import ToolsUnitTests
-from moss_agent.tools._safe_math import MathLimits
-from moss_agent.tools.calculator import CalculatorTool, calculate, evaluate
 from pydantic import ValidationError
 
-from moss_agent.plugins import CALCULATOR, NO_RESULT, format_calculate
+from moss_agent.protocol.plugins import CALCULATOR, NO_RESULT, format_calculate
+from moss_agent.tools.calculator import CalculatorTool, calculate, evaluate
+from moss_agent.tools.math.check import MathLimits
 
 
 def printed(value: int | float) -> str:

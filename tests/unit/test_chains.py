@@ -17,14 +17,14 @@ from langchain_core.messages import AIMessage
 from langchain_core.output_parsers import StrOutputParser
 from langchain_core.retrievers import BaseRetriever
 from langchain_core.runnables import RunnableLambda, RunnablePassthrough
-from moss_agent.chains import MossConversationChain, MossRetrievalChain, create_extraction_chain
-from moss_agent.chains.retrieval import THOUGHTS_EN, THOUGHTS_ZH, bracket_citations, find_citations
 from pydantic import BaseModel, Field
 
-from moss_agent import format as fmt
+from moss_agent.chains import MossConversationChain, MossRetrievalChain, create_extraction_chain
+from moss_agent.chains.retrieval import THOUGHTS_EN, THOUGHTS_ZH, bracket_citations, find_citations
 from moss_agent.chat_model import ChatMoss
 from moss_agent.memory import BufferMemory, WindowMemory
-from moss_agent.parser import parse_commands
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol.parser import parse_commands
 from moss_agent.testing.engines import ScriptedEngine
 
 PLAIN_SYSTEM = fmt.system_prompt()

@@ -10,10 +10,10 @@ from langchain_core.messages import AIMessage, AIMessageChunk, HumanMessage, Sys
 from langchain_core.tools import tool
 from pydantic import BaseModel
 
-from moss_agent import format as fmt
 from moss_agent.chat_model import ChatMoss
-from moss_agent.engine import Generation
+from moss_agent.engines.base import Generation
 from moss_agent.messages import RAW_COMMANDS, RAW_RESULTS, REASONING
+from moss_agent.protocol import format as fmt
 from moss_agent.testing.engines import ScriptedEngine, scripted_tokens
 
 pytestmark = pytest.mark.disable_socket
@@ -123,7 +123,7 @@ def test_bound_tools_switch_lines():
 
 
 def _custom(name: str, arg: str):
-    from moss_agent.plugins import custom_plugin
+    from moss_agent.protocol.plugins import custom_plugin
 
     return custom_plugin(name, arg=arg)
 
@@ -406,7 +406,7 @@ def _comparable(message: AIMessage) -> tuple[object, ...]:
 
 def test_batch_of_single_pass_inputs_is_one_engine_batch_equal_to_invoke():
     torch = pytest.importorskip("torch")
-    from moss_agent.engine import TransformersEngine
+    from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
     torch.set_num_threads(1)

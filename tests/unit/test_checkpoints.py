@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moss_agent import format as fmt
+from moss_agent.protocol import format as fmt
 from moss_agent.testing import checkpoints as ck
 
 

@@ -13,19 +13,20 @@ from typing import Any
 
 import pytest
 
-from moss_agent import format as fmt
-from moss_agent.convert import (
+from moss_agent.checkpoints.convert import (
     PADDING_BIAS,
     PROBE,
     ConversionError,
-    add_convert_parser,
     convert,
     split_qkv,
     verify_conversion,
 )
-from moss_agent.engine import SamplingParams, TransformersEngine
-from moss_agent.hardware import Hardware
-from moss_agent.loading import UnsupportedCheckpointError, load_moss, load_tokenizer
+from moss_agent.checkpoints.hardware import Hardware
+from moss_agent.checkpoints.loading import UnsupportedCheckpointError, load_moss, load_tokenizer
+from moss_agent.cli.convert import add_convert_parser
+from moss_agent.engines.base import SamplingParams
+from moss_agent.engines.transformers import TransformersEngine
+from moss_agent.protocol import format as fmt
 from moss_agent.testing.checkpoints import tiny_gptq_checkpoint, tiny_moss_checkpoint
 
 CPU = Hardware.simulated(cpu_gib=16)
@@ -176,8 +177,8 @@ def test_conversion_streams_with_private_memory_well_under_the_checkpoint(tmp_pa
         import threading, time
         from pathlib import Path
         import safetensors.torch, torch, transformers
-        from moss_agent.convert import convert
-        from moss_agent.loading import load_tokenizer
+        from moss_agent.checkpoints.convert import convert
+        from moss_agent.checkpoints.loading import load_tokenizer
         load_tokenizer(Path({str(src)!r}))  # imports and caches warm, before measuring
         def anon():
             return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("RssAnon:")) * 1024

@@ -1,4 +1,4 @@
-"""moss_agent.data: the SFT files, and conversations as LangChain messages and back."""
+"""moss_agent.protocol.data: the SFT files, and conversations as LangChain messages and back."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 import pytest
 from langchain_core.messages import AIMessage, ChatMessage, HumanMessage, SystemMessage, ToolMessage
 
-from moss_agent import format as fmt
-from moss_agent import plugins
-from moss_agent.data import (
+from moss_agent.messages import (
     CATEGORY,
     CONVERSATION_ID,
     RAW_COMMANDS,
@@ -17,13 +15,13 @@ from moss_agent.data import (
     REASONING,
     VERBATIM,
     from_messages,
-    iter_conversations,
-    read_conversation,
-    read_prompts,
     results_from_outputs,
     to_messages,
 )
-from moss_agent.format import Command, MossConversation, MossTurn
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import plugins
+from moss_agent.protocol.data import iter_conversations, read_conversation, read_prompts
+from moss_agent.protocol.format import Command, MossConversation, MossTurn
 
 # ---------------------------------------------------------------- the SFT files
 

@@ -13,17 +13,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from moss_agent import format as fmt  # noqa: E402
-from moss_agent._decoding import TextTracker, common_prefix, next_tokens  # noqa: E402
-from moss_agent.engine import (  # noqa: E402
+from moss_agent.checkpoints.loading import load_moss  # noqa: E402
+from moss_agent.engines.base import (  # noqa: E402
     ContextWindowExceededError,
     Engine,
     Generation,
     SamplingParams,
-    TransformersEngine,
     fit_context,
 )
-from moss_agent.loading import load_moss  # noqa: E402
+from moss_agent.engines.decoding import TextTracker, common_prefix, next_tokens  # noqa: E402
+from moss_agent.engines.transformers import TransformersEngine  # noqa: E402
+from moss_agent.protocol import format as fmt  # noqa: E402
 from moss_agent.testing.checkpoints import tiny_moss_checkpoint  # noqa: E402
 
 GREEDY = SamplingParams(max_new_tokens=20, do_sample=False, stop_tokens=())
@@ -169,7 +169,7 @@ def test_seeded_sampling_is_reproducible(fresh: TransformersEngine) -> None:
 def test_logits_processing_matches_transformers() -> None:
     from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
 
-    from moss_agent._decoding import _repetition_penalty, _top_k, _top_p
+    from moss_agent.engines.decoding import _repetition_penalty, _top_k, _top_p
 
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 50, generator=gen) * 3
@@ -440,7 +440,7 @@ def test_from_pretrained_loads_through_load_moss() -> None:
 
 def test_importing_does_not_import_torch() -> None:
     code = (
-        "import sys, moss_agent.engine, moss_agent.testing.engines; "
+        "import sys, moss_agent.engines.base, moss_agent.testing.engines; "
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from langchain_core.messages import ToolMessage
 from langchain_tests.unit_tests import ToolsUnitTests
-from moss_agent.tools._bounded import MathWorker
-from moss_agent.tools.equation_solver import EquationSolverTool, solution_lines, solve, solve_equations
 from pydantic import ValidationError
 
-from moss_agent.plugins import EQUATION_SOLVER, NO_RESULT, format_solve
+from moss_agent.protocol.plugins import EQUATION_SOLVER, NO_RESULT, format_solve
+from moss_agent.tools.equation_solver import EquationSolverTool, solution_lines, solve, solve_equations
+from moss_agent.tools.math.worker import MathWorker
 
 CASES = [
     # exact input stays exact

@@ -1,4 +1,4 @@
-"""moss_agent.format: the trained text of the protocol, checked against the sample data."""
+"""moss_agent.protocol.format: the trained text of the protocol, checked against the sample data."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import re
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moss_agent import format as fmt
-from moss_agent import plugins
-from moss_agent.format import Command, MossConversation, MossTurn
-from moss_agent.parser import parse_conversation
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import plugins
+from moss_agent.protocol.format import Command, MossConversation, MossTurn
+from moss_agent.protocol.parser import parse_conversation
 
 
 def test_every_sample_system_is_meta_instruction_plus_trained_switch_block(moss_json):

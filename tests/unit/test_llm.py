@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from moss_agent import format as fmt
 from moss_agent.chat_model import ChatMoss
 from moss_agent.llm import MossLLM
+from moss_agent.protocol import format as fmt
 from moss_agent.testing.engines import ScriptedEngine
 
 pytestmark = pytest.mark.disable_socket

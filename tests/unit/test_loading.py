@@ -9,15 +9,15 @@ from typing import Any
 
 import pytest
 
-from moss_agent.format import END_TOKENS
-from moss_agent.hardware import Hardware
-from moss_agent.loading import (
+from moss_agent.checkpoints.hardware import Hardware
+from moss_agent.checkpoints.loading import (
     InsufficientMemoryError,
     LoadedMoss,
     MossCheckpointError,
     UnsupportedCheckpointError,
     load_moss,
 )
+from moss_agent.protocol.format import END_TOKENS
 from moss_agent.testing.checkpoints import tiny_gptq_checkpoint, tiny_moss_checkpoint
 
 CPU = Hardware.simulated(cpu_gib=16)

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from moss_agent.tools._safe_math import MathInputError, MathLimits, parse_calculation, parse_equations
+
 from moss_agent.tools.calculator import CalculatorTool, evaluate
 from moss_agent.tools.equation_solver import EquationSolverTool, solution_lines, solve_equations
+from moss_agent.tools.math.check import MathInputError, MathLimits, parse_calculation, parse_equations
 
 SENTINEL = Path(tempfile.gettempdir()) / f"moss_math_sentinel_{os.getpid()}"
 ENV = f"MOSS_MATH_SENTINEL_{os.getpid()}"
@@ -239,7 +240,7 @@ def test_corpus_is_large_enough() -> None:
 
 @pytest.fixture(scope="module")
 def ready_worker() -> None:
-    from moss_agent.tools._bounded import shared_worker
+    from moss_agent.tools.math.worker import shared_worker
 
     assert shared_worker().wait_ready()
 
@@ -260,7 +261,7 @@ def test_hostile_input(ready_worker: None, tool: str, text: str, right: object) 
 
 
 def test_hostile_input_through_the_tools() -> None:
-    from moss_agent.tools._bounded import shared_worker
+    from moss_agent.tools.math.worker import shared_worker
 
     assert shared_worker().wait_ready()  # the corpus ended with a cut-off job: let the spare become ready
     calculator, solver = CalculatorTool(), EquationSolverTool()
@@ -291,7 +292,7 @@ def test_hostile_input_on_a_cold_process_never_waits_for_sympy(tmp_path: Path) -
     code = textwrap.dedent(
         """
         import json, sys, time
-        from moss_agent.tools import _bounded
+        from moss_agent.tools.math import worker as _bounded
         from moss_agent.tools.calculator import CalculatorTool
         from moss_agent.tools.equation_solver import EquationSolverTool
         calculator, solver = CalculatorTool(prestart=False), EquationSolverTool(prestart=False)
@@ -331,7 +332,7 @@ def test_model_text_never_reaches_eval_exec_or_sympy_parsing(tmp_path: Path) -> 
         import ast, builtins, json, sys
         from pathlib import Path
         import sympy.parsing.sympy_parser as parser
-        from moss_agent.tools import _math_eval
+        from moss_agent.tools.math import evaluate as _math_eval
         ours = str(Path(_math_eval.__file__).resolve().parent)
         spec = json.load(open(sys.argv[1]))
         markers, job, violations = spec["markers"], [""], []

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 
-from moss_agent import format as fmt
-from moss_agent.data import from_messages, iter_conversations, to_messages
 from moss_agent.memory import (
     BufferMemory,
     ContextBudgetError,
@@ -21,7 +19,10 @@ from moss_agent.memory import (
     TokenBudgetMemory,
     WindowMemory,
 )
-from moss_agent.memory_store import SQLiteStore
+from moss_agent.memory.store import SQLiteStore
+from moss_agent.messages import from_messages, to_messages
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol.data import iter_conversations
 
 MOSS_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "moss_data"
 needs_data = pytest.mark.skipif(
@@ -178,7 +179,7 @@ def test_budget_compacts_results_before_dropping_turns() -> None:
 def test_budget_says_so_when_the_newest_turn_alone_does_not_fit(caplog: pytest.LogCaptureFixture) -> None:
     memory = TokenBudgetMemory(len, context_window=len(SYSTEM) + 900, max_new_tokens=300, system=SYSTEM)
     memory.add_turn(turn(0))
-    with caplog.at_level(logging.WARNING, logger="moss_agent.memory"):
+    with caplog.at_level(logging.WARNING, logger="moss_agent.memory.turns"):
         memory.add_turn(turn(1, reply=2000))
     report = memory.last_fit
     assert report is not None and report.warning is not None and "does not fit" in report.warning

@@ -16,21 +16,21 @@ from pathlib import Path
 
 import pytest
 
-from moss_agent import format as fmt
-from moss_agent.memory_store import (
+from moss_agent.memory.store import (
     SCHEMA_VERSION,
     SchemaVersionError,
     SQLiteStore,
     TurnRecord,
     new_session_id,
 )
+from moss_agent.protocol import format as fmt
 
 MOSS_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "moss_data"
 
 # Shared by the test process and its children: turn i of a writer, big enough that a write spans many pages.
 MAKE_TURN = textwrap.dedent(
     """
-    from moss_agent.format import MossTurn
+    from moss_agent.protocol.format import MossTurn
 
     def make_turn(writer, i, size=2000):
         body = "\\n" + f'Search("{writer} {i}") =>\\n<|1|>: ' + repr(f"{writer}-{i}-" * size) + "\\n"
@@ -51,7 +51,7 @@ make_turn = _ns["make_turn"]
 def _child(tmp_path: Path, body: str, *args: str) -> subprocess.Popen[str]:
     script = tmp_path / f"child_{random.randrange(10**9)}.py"
     script.write_text(
-        "import sys, time, os\nfrom moss_agent.memory_store import SQLiteStore\n" + MAKE_TURN + textwrap.dedent(body)
+        "import sys, time, os\nfrom moss_agent.memory.store import SQLiteStore\n" + MAKE_TURN + textwrap.dedent(body)
     )
     return subprocess.Popen(
         [sys.executable, str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -150,7 +150,7 @@ def test_wal_mode_and_schema_version(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(not MOSS_DATA.is_dir(), reason="../shared/moss_data (the MOSS sample SFT data) is absent")
 def test_every_sample_conversation_survives_the_store_byte_for_byte(tmp_path: Path) -> None:
-    from moss_agent.data import iter_conversations
+    from moss_agent.protocol.data import iter_conversations
 
     store = SQLiteStore(tmp_path / "data.db", synchronous="NORMAL")
     conversations = list(iter_conversations(MOSS_DATA / "conversations"))

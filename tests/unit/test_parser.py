@@ -1,4 +1,4 @@
-"""moss_agent.parser: whole conversations, commands, pass-1 / reply repair, streaming."""
+"""moss_agent.protocol.parser: whole conversations, commands, pass-1 / reply repair, streaming."""
 
 from __future__ import annotations
 
@@ -8,16 +8,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from moss_agent import format as fmt
-from moss_agent.format import Command, MossConversation, MossTurn
-from moss_agent.parser import (
-    InvalidCommand,
-    StreamParser,
-    parse_commands,
-    parse_conversation,
-    parse_pass1,
-    parse_reply,
-)
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol.format import Command, MossConversation, MossTurn
+from moss_agent.protocol.parser import InvalidCommand, parse_commands, parse_conversation
+from moss_agent.protocol.stream import StreamParser, parse_pass1, parse_reply
 
 TERMINATOR = re.compile(r"<eo[a-z]>|<\|endoftext\|>|<\|[A-Za-z][A-Za-z ]{0,30}\|>:")
 

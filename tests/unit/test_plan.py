@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from moss_agent.hardware import Hardware
-from moss_agent.plan import (
+from moss_agent.checkpoints.hardware import Hardware
+from moss_agent.checkpoints.plan import (
     MOSS_16B_CONFIG,
     GiB,
     InsufficientMemoryError,

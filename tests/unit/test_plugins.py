@@ -1,4 +1,4 @@
-"""moss_agent.plugins: the plugin table and result formatting, checked against the sample data."""
+"""moss_agent.protocol.plugins: the plugin table and result formatting, checked against the sample data."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from moss_agent import plugins
-from moss_agent.plugins import (
+from moss_agent.protocol import plugins
+from moss_agent.protocol.plugins import (
     CALCULATOR,
     EQUATION_SOLVER,
     INNER_THOUGHTS,

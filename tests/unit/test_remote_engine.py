@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from moss_agent.chat_model import ChatMoss
-from moss_agent.engine import ContextWindowExceededError, SamplingParams
-from moss_agent.loading import load_tokenizer
-from moss_agent.remote import RemoteEngine, ServerResponseError, ServerUnavailableError
+from moss_agent.checkpoints.loading import load_tokenizer
+from moss_agent.engines.base import ContextWindowExceededError, SamplingParams
+from moss_agent.engines.remote import RemoteEngine, ServerResponseError, ServerUnavailableError
 from moss_agent.testing.checkpoints import tiny_moss_tokenizer_dir
 
 PASS1 = SamplingParams(stop_tokens=("<eoc>", "<eom>"), do_sample=False, temperature=0.0)
@@ -360,7 +360,7 @@ def test_bad_arguments_raise_the_local_engines_errors_before_sending(fake: FakeS
 
 def test_chat_moss_with_base_url_builds_a_remote_engine_without_a_network_call() -> None:
     from moss_agent import ChatMoss
-    from moss_agent.remote import RemoteEngine
+    from moss_agent.engines.remote import RemoteEngine
 
     chat = ChatMoss(base_url="http://127.0.0.1:9/v1", model="moss-gptj", api_key="k", dialect="vllm")
     engine = chat.get_engine()

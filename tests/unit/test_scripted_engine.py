@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moss_agent.engine import ContextWindowExceededError, Engine, Generation, SamplingParams
+from moss_agent.engines.base import ContextWindowExceededError, Engine, Generation, SamplingParams
 from moss_agent.testing.engines import ScriptedCall, ScriptedEngine, ScriptExhaustedError, scripted_tokens
 
 PASS1 = SamplingParams(stop_tokens=("<eoc>",))

@@ -20,6 +20,8 @@ from langchain_core.callbacks import CallbackManagerForRetrieverRun
 from langchain_core.documents import Document
 from langchain_core.messages import ToolMessage
 from langchain_core.retrievers import BaseRetriever
+
+from moss_agent.protocol.plugins import NO_RESULT, renumber_search_hits
 from moss_agent.tools.search import SearchTool
 from moss_agent.tools.search_backends import (
     CommunitySearchBackend,
@@ -31,8 +33,6 @@ from moss_agent.tools.search_backends import (
     community_backend,
     default_backend,
 )
-
-from moss_agent.plugins import NO_RESULT, renumber_search_hits
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 from langchain_core.messages import ToolMessage
-from moss_agent.tools.text_to_image import TextToImageTool
 
-from moss_agent.plugins import NO_RESULT, TEXT2IMAGE_DONE
+from moss_agent.protocol.plugins import NO_RESULT, TEXT2IMAGE_DONE
 from moss_agent.testing.images import TINY_TEXT2IMAGE_VERSION, cache_dir, tiny_text2image_pipeline
+from moss_agent.tools.text_to_image import TextToImageTool
 
 pytestmark = pytest.mark.allow_hosts(["127.0.0.1"])
 
@@ -77,7 +77,7 @@ def test_seed_makes_images_reproducible_under_new_names(tool: TextToImageTool) -
 
 
 def test_loads_on_the_hardware_device_and_dtype(tool: TextToImageTool) -> None:
-    from moss_agent.hardware import torch_device_and_dtype
+    from moss_agent.checkpoints.hardware import torch_device_and_dtype
 
     draw(tool, "anything")
     device, dtype = torch_device_and_dtype()

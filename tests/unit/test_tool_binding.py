@@ -8,9 +8,9 @@ import pytest
 from langchain_core.tools import tool
 from pydantic import BaseModel, Field
 
-from moss_agent import plugins
-from moss_agent.format import Command
-from moss_agent.parser import parse_commands
+from moss_agent.protocol import plugins
+from moss_agent.protocol.format import Command
+from moss_agent.protocol.parser import parse_commands
 from moss_agent.tool_binding import (
     BoundTool,
     bind_tools,

@@ -4,7 +4,7 @@ Model-written math never reaches ``eval``, ``exec``, ``sympify`` or ``parse_expr
 Text is parsed by :func:`ast.parse`, which only builds a tree, and every node of that tree is checked against
 a short allowlist: numbers, ``+ - * / // % **`` (``^`` is power, as the model writes it), unary signs,
 parentheses, calls of listed functions and listed constants or, in the solver, plain variable names. The
-checked tree is then evaluated by :mod:`tools._math_eval` in a worker process, never in the agent.
+checked tree is then evaluated by :mod:`moss_agent.tools.math.evaluate` in a worker process, never in the agent.
 
 This module imports only the standard library, so the agent can check input without importing sympy.
 """

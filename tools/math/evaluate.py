@@ -1,7 +1,7 @@
 """Evaluation of checked math trees with sympy: the calculator's numbers and the solver's equations.
 
-Runs inside the worker process of :mod:`tools._bounded` (it imports sympy). Trees come from
-:mod:`tools._safe_math` and are checked again here, so this module never sees an unchecked node.
+Runs inside the worker process of :mod:`moss_agent.tools.math.worker` (it imports sympy). Trees come from
+:mod:`moss_agent.tools.math.check` and are checked again here, so this module never sees an unchecked node.
 
 Numbers follow Python's rules, which is what the recorded MOSS calculator printed: integers stay exact
 (``12*3`` -> ``36``), ``/`` and the functions give floats (``20/2`` -> ``10.0``, ``sqrt(100)`` -> ``10.0``),
@@ -20,7 +20,7 @@ from typing import Any
 
 import sympy as sp
 
-from ._safe_math import (
+from .check import (
     CALC_CONSTANTS,
     SOLVER_CONSTANTS,
     MathInputError,

@@ -21,8 +21,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from moss_agent import plugins as _plugins
-from moss_agent.plugins import Plugin
+from moss_agent.protocol import plugins as _plugins
+from moss_agent.protocol.plugins import Plugin
 
 __all__ = [
     "END_TOKENS",
@@ -197,7 +197,7 @@ def results_body(entries: Sequence[str] | None, *, plugins_on: bool = True) -> s
     r"""The raw body of a results segment (what stands between ``<|Results|>:`` and ``<eor>``).
 
     Args:
-        entries: Result entries from :func:`moss_agent.plugins.format_result_entry`, each ending in a newline,
+        entries: Result entries from :func:`moss_agent.protocol.plugins.format_result_entry`, each ending in a newline,
             or None when no command ran. A single entry equal to ``Image generated successfully.`` is written
             as the bare sentence, as in the data.
         plugins_on: Whether the conversation has plugins on; decides the form of an empty result

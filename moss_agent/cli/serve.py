@@ -8,10 +8,9 @@ import os
 import sys
 from typing import Any
 
-__all__ = ["add_serve_parser"]
+from moss_agent.cli import add_model_options, plugin_keys
 
-PLUGIN_KEYS = ("search", "calculator", "solver", "text2image")
-_PRECISIONS = ["auto", "fp32", "bf16", "fp16", "int8", "int4"]
+__all__ = ["add_parser", "add_serve_parser"]
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -24,9 +23,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
         The ``serve`` parser (its ``func`` default runs the server).
     """
     p = subparsers.add_parser("serve", help="serve MOSS with its plugins over an OpenAI-compatible API and a chat page")
-    p.add_argument("--model", required=True, help="checkpoint directory or hub id")
-    p.add_argument("--precision", default="auto", choices=_PRECISIONS)
-    p.add_argument("--plugins", default=",".join(PLUGIN_KEYS), help="comma-separated: " + ",".join(PLUGIN_KEYS))
+    add_model_options(p, required=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -53,8 +50,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from moss_agent.chat_model import ChatMoss
-    from moss_agent.engine import TransformersEngine
-    from moss_agent.memory_store import SQLiteStore
+    from moss_agent.engines.transformers import TransformersEngine
+    from moss_agent.memory.store import SQLiteStore
     from moss_agent.server.app import create_app
     from moss_agent.server.schemas import ServerSettings
     from moss_agent.tools import make_tools
@@ -64,10 +61,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             f"--model {args.model}: serving a remote model by URL needs a remote engine; give a checkpoint "
             "directory or hub id"
         )
-    keys = [k.strip() for k in args.plugins.split(",") if k.strip()]
-    unknown = [k for k in keys if k not in PLUGIN_KEYS]
-    if unknown:
-        raise SystemExit(f"unknown plugin(s) {unknown}; choose from {', '.join(PLUGIN_KEYS)}")
+    keys = plugin_keys(args.plugins)
     if not args.api_key and not _loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"Loading {args.model} ...", file=sys.stderr)
@@ -89,3 +83,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"Chat page: http://{args.host}:{args.port}/   API: http://{args.host}:{args.port}/v1", file=sys.stderr)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
+
+
+add_parser = add_serve_parser

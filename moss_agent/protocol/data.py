@@ -6,8 +6,8 @@ The sample data (``SFT_data/conversations/**.json``) stores one conversation per
      "chat": {"turn_1": {"Human": "<|Human|>: ...<eoh>\n", "Inner Thoughts": ..., "Commands": ...,
                          "Tool Responses": ..., "MOSS": ...}, ...}}
 
-where every segment is the exact trained text. :func:`to_messages` and :func:`from_messages` (from
-:mod:`moss_agent.messages`) convert conversations to LangChain messages and back.
+where every segment is the exact trained text. :func:`moss_agent.messages.to_messages` and
+:func:`moss_agent.messages.from_messages` convert conversations to LangChain messages and back.
 """
 
 from __future__ import annotations
@@ -16,35 +16,11 @@ import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from moss_agent import format as fmt
-from moss_agent.format import MossConversation, MossTurn
-from moss_agent.messages import (
-    CATEGORY,
-    CONVERSATION_ID,
-    RAW_COMMANDS,
-    RAW_RESULTS,
-    REASONING,
-    VERBATIM,
-    from_messages,
-    results_from_outputs,
-    to_messages,
-)
-from moss_agent.parser import parse_conversation
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol.format import MossConversation, MossTurn
+from moss_agent.protocol.parser import parse_conversation
 
-__all__ = [
-    "CATEGORY",
-    "CONVERSATION_ID",
-    "RAW_COMMANDS",
-    "RAW_RESULTS",
-    "REASONING",
-    "VERBATIM",
-    "from_messages",
-    "iter_conversations",
-    "read_conversation",
-    "read_prompts",
-    "results_from_outputs",
-    "to_messages",
-]
+__all__ = ["iter_conversations", "read_conversation", "read_prompts"]
 
 _SEGMENT_KEYS = (
     ("Human", fmt.HUMAN),

@@ -1,8 +1,8 @@
-"""MOSS conversation memory: turns in MOSS's layout, windows over them, a token budget, persistence.
+"""MOSS conversation memory: turns in MOSS's layout, windows over them, a token budget.
 
 A memory keeps every turn (human, inner thoughts, commands, results, reply, plus the turn's artifacts) and
 decides which of them the next prompt shows. The prompt is ``system + turns``, exactly as MOSS was trained
-(:mod:`moss_agent.format`).
+(:mod:`moss_agent.protocol.format`).
 
 Prefix cache. The engine reuses the KV cache of the longest prompt prefix it has seen, so a memory that only
 appends keeps the cost of a turn to its new tokens. Every memory here therefore changes earlier turns only
@@ -17,13 +17,12 @@ when it must, and then by enough to stay append-only for several turns:
 
 While :attr:`FitReport.shifted` is False, the history rendered for turn n is a prefix of the one for turn n+1.
 
-Any memory takes ``store=`` (a :class:`~moss_agent.memory_store.SQLiteStore`) and ``session_id=``: each turn
+Any memory takes ``store=`` (a :class:`~moss_agent.memory.store.SQLiteStore`) and ``session_id=``: each turn
 is committed before the memory shows it, and a new memory on the same session resumes where the last stopped.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,26 +30,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from langchain_core.chat_history import BaseChatMessageHistory
-from langchain_core.messages import (
-    AIMessage,
-    BaseMessage,
-    SystemMessage,
-    messages_from_dict,
-    messages_to_dict,
-)
+from langchain_core.messages import BaseMessage
 
-from moss_agent import format as fmt
-from moss_agent.memory_store import SQLiteStore, TurnRecord, json_artifacts, new_session_id
+from moss_agent.memory.store import SQLiteStore, TurnRecord, json_artifacts, new_session_id
+from moss_agent.protocol import format as fmt
 
 if TYPE_CHECKING:
-    from moss_agent.engine import Engine
+    from moss_agent.engines.base import Engine
 
 __all__ = [
     "BufferMemory",
     "ContextBudgetError",
     "FitReport",
-    "MossChatMessageHistory",
     "MossMemory",
     "TokenBudgetMemory",
     "WindowMemory",
@@ -162,13 +153,13 @@ class BufferMemory:
 
     @classmethod
     def from_messages(cls: type[_M], messages: Sequence[BaseMessage], **kwargs: Any) -> _M:
-        """A memory holding the turns of LangChain ``messages`` (see :func:`moss_agent.data.from_messages`).
+        """A memory holding the turns of LangChain ``messages`` (see :func:`moss_agent.messages.from_messages`).
 
         Args:
             messages: The conversation; a SystemMessage gives the system text.
             **kwargs: Further arguments of the memory class (``system=`` overrides the messages' one).
         """
-        from moss_agent.data import from_messages
+        from moss_agent.messages import from_messages
 
         conversation = from_messages(list(messages))
         kwargs.setdefault("system", conversation.system)
@@ -215,7 +206,7 @@ class BufferMemory:
         Args:
             turn: The turn as it ran (with its full results).
             artifacts: Data of the turn (image paths, search sources ...), kept beside it as JSON
-                (see :func:`~moss_agent.memory_store.json_artifacts`).
+                (see :func:`~moss_agent.memory.store.json_artifacts`).
         """
         record = TurnRecord(turn, json_artifacts(artifacts), time.time())
         if self.store is not None and self.session_id is not None:
@@ -254,8 +245,8 @@ class BufferMemory:
         return fmt.MossConversation(system=self.system, turns=turns)
 
     def to_messages(self, *, shown_only: bool = False) -> list[BaseMessage]:
-        """The conversation as LangChain messages (see :func:`moss_agent.data.to_messages`)."""
-        from moss_agent.data import to_messages
+        """The conversation as LangChain messages (see :func:`moss_agent.messages.to_messages`)."""
+        from moss_agent.messages import to_messages
 
         return to_messages(self.to_conversation(shown_only=shown_only))
 
@@ -437,77 +428,3 @@ class TokenBudgetMemory(BufferMemory):
     def _restore_window(self) -> None:
         super()._restore_window()
         self.fit()
-
-
-class MossChatMessageHistory(BaseChatMessageHistory):
-    """LangChain chat history over a :class:`SQLiteStore` session; every whole turn is stored as a MOSS turn.
-
-    Messages become turns through :func:`moss_agent.data.from_messages` once a reply closes them; messages
-    that do not make a whole turn yet (a question awaiting its answer) are kept as they are until one does.
-    ``BaseChatMessageHistory`` (and ``RunnableWithMessageHistory``) are deprecated since langchain-core 1.6.4,
-    for removal in 2.0, in favour of LangGraph checkpointers; this adapter serves the many apps that still
-    use them.
-
-    Args:
-        store: The store, or a path to open one at.
-        session_id: The session.
-        system: The session's system text (meta instruction and switches; ChatMoss's, say) when it has none
-            yet. Without one, the first messages' SystemMessage, else the switches their tool calls imply,
-            become the session's; its switches decide how later turns write empty segments.
-        include_system: Put the session's system text first, as a SystemMessage; then the messages convert
-            back to exactly the stored turns (without it, the reader's own switches decide empty segments).
-    """
-
-    def __init__(
-        self,
-        store: SQLiteStore | str | os.PathLike[str],
-        session_id: str,
-        *,
-        system: str | None = None,
-        include_system: bool = False,
-    ) -> None:
-        self.store = store if isinstance(store, SQLiteStore) else SQLiteStore(store)
-        self.session_id = self.store.create_session(session_id, system=system)
-        saved = self.store.load(self.session_id)
-        if system is not None and saved is not None and saved.system is None:
-            self.store.set_system(self.session_id, system)
-        self.include_system = include_system
-
-    @property
-    def messages(self) -> list[BaseMessage]:  # type: ignore[override]
-        """The stored turns as messages, then any messages of an unfinished turn."""
-        from moss_agent.data import to_messages
-
-        saved = self.store.load(self.session_id)
-        if saved is None:
-            return []
-        out = [m for m in to_messages(saved.to_conversation()) if self.include_system or m.type != "system"]
-        return out + (messages_from_dict(json.loads(saved.pending)) if saved.pending else [])
-
-    def add_messages(self, messages: Sequence[BaseMessage]) -> None:
-        """Store the turns the messages complete, in one transaction; keep the rest for later."""
-        from moss_agent.data import from_messages
-
-        saved = self.store.load(self.session_id)
-        combined = (messages_from_dict(json.loads(saved.pending)) if saved and saved.pending else []) + list(messages)
-        cut = 0  # a reply (an AIMessage without tool calls) closes a turn
-        for i, message in enumerate(combined):
-            if isinstance(message, AIMessage) and not message.tool_calls:
-                cut = i + 1
-        done, rest = combined[:cut], combined[cut:]
-        known = saved.system if saved is not None else None
-        keep_system = any(isinstance(m, SystemMessage) for m in done) or known is None
-        if done and not keep_system:
-            # The session's switches decide how empty segments are written (plugin or plain form).
-            done = [SystemMessage(known or ""), *done]
-        conversation = from_messages(done) if done else None
-        self.store.append_turns(
-            self.session_id,
-            [TurnRecord(t) for t in conversation.turns] if conversation else [],
-            pending=json.dumps(messages_to_dict(rest)) if rest else None,
-            system=conversation.system if conversation and keep_system else ...,
-        )
-
-    def clear(self) -> None:
-        """Forget the session's turns (its system text stays)."""
-        self.store.clear_turns(self.session_id)

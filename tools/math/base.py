@@ -8,8 +8,8 @@ from langchain_core.tools import BaseTool
 from pydantic import Field, model_validator
 from typing_extensions import Self
 
-from ._bounded import shared_worker
-from ._safe_math import MathLimits
+from .check import MathLimits
+from .worker import shared_worker
 
 DEFAULT_TIMEOUT = 1.5
 """Seconds one calculation or solve may run before it is cut off."""

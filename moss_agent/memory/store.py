@@ -23,7 +23,7 @@ from pathlib import Path
 from types import EllipsisType
 from typing import Any, Literal
 
-from moss_agent import format as fmt
+from moss_agent.protocol import format as fmt
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -117,7 +117,7 @@ class StoredSession:
         return [r.turn for r in self.records]
 
     def to_conversation(self) -> fmt.MossConversation:
-        """The session as a :class:`~moss_agent.format.MossConversation` (default system text when unset)."""
+        """The session as a :class:`~moss_agent.protocol.format.MossConversation` (default system text when unset)."""
         return fmt.MossConversation(system=self.system or fmt.system_prompt(), turns=self.turns)
 
 

@@ -10,7 +10,7 @@ import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from moss_agent._decoding import common_prefix
+from moss_agent.engines.decoding import common_prefix
 
 if TYPE_CHECKING:
     import torch

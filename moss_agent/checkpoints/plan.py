@@ -1,7 +1,7 @@
 """The load plan: dtype, quantisation, device map and memory needs, decided before any weight is read.
 
-Pure arithmetic over the checkpoint's config and a :class:`~moss_agent.hardware.Hardware` (no torch), so that
-``moss-agent plan MODEL`` runs anywhere and a plan that cannot fit is refused before minutes of loading.
+Pure arithmetic over the checkpoint's config and a :class:`~moss_agent.checkpoints.hardware.Hardware` (no torch),
+so that ``moss-agent plan MODEL`` runs anywhere and a plan that cannot fit is refused before minutes of loading.
 
 Memory model (bytes; ``s`` tokens of context, batch ``b``, activation width ``a`` = 2 bytes, 4 for fp32)::
 
@@ -33,7 +33,17 @@ from dataclasses import astuple, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from moss_agent.hardware import Hardware
+from moss_agent.checkpoints.files import gptq_bits, resolve_checkpoint
+from moss_agent.checkpoints.hardware import Hardware
+from moss_agent.checkpoints.spec import (
+    REFERENCE_CONTEXT,
+    GiB,
+    InsufficientMemoryError,
+    ModelSpec,
+    MossCheckpointError,
+    UnsupportedCheckpointError,
+)
+from moss_agent.settings import DTYPES, PRECISIONS, normalize_precision
 
 __all__ = [
     "GiB",
@@ -44,12 +54,11 @@ __all__ = [
     "MossCheckpointError",
     "Placement",
     "UnsupportedCheckpointError",
+    "gptq_error",
     "normalize_precision",
     "plan_load",
 ]
 
-GiB = 1024**3
-REFERENCE_CONTEXT = 2048
 TURN_TOKENS = 512
 """Tokens of one turn as the release measured it: meta instruction and switches, a question and a reply."""
 MARGIN = 1.5
@@ -57,128 +66,7 @@ GPU_RESERVE = GiB // 2
 """Kept free on every GPU for the CUDA context, cuBLAS workspace and kernels."""
 CPU_RESERVE = 2 * GiB
 """Kept free in CPU RAM for Python, torch and the operating system."""
-NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "int4")
-_ALIASES = {
-    "float32": "fp32",
-    "float16": "fp16",
-    "half": "fp16",
-    "bfloat16": "bf16",
-    "8bit": "int8",
-    "4bit": "int4",
-}
-_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-_BLOCK_CLASS = {"moss": "CodeGenBlock", "codegen": "CodeGenBlock", "gptj": "GPTJBlock"}
 Device = int | str
-
-
-class MossCheckpointError(ValueError):
-    """A checkpoint directory or config that cannot be loaded; the message says how to fix it."""
-
-
-class UnsupportedCheckpointError(MossCheckpointError):
-    """A checkpoint format not loaded here (GPTQ-quantised MOSS); the message names the alternative."""
-
-
-class InsufficientMemoryError(MemoryError):
-    """The model does not fit this hardware as requested; the message names the numbers and the options."""
-
-
-def normalize_precision(precision: str) -> str:
-    """``auto`` or one of :data:`PRECISIONS` (aliases such as ``float16`` or ``4bit`` accepted)."""
-    p = _ALIASES.get(precision.lower(), precision.lower())
-    if p != "auto" and p not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
-    return p
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """The sizes of a CodeGen-architecture checkpoint, read from its config.
-
-    Attributes:
-        name: Checkpoint name for messages.
-        model_type: ``moss``, ``codegen`` or ``gptj``.
-        n_layer: Transformer blocks.
-        n_embd: Hidden size.
-        n_head: Attention heads.
-        n_inner: MLP width.
-        vocab_size: Embedding rows.
-        n_positions: Context window.
-        wbits: GPTQ bits when the checkpoint is pre-quantised (as its config says).
-    """
-
-    name: str
-    model_type: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_inner: int
-    vocab_size: int
-    n_positions: int = REFERENCE_CONTEXT
-    wbits: int | None = None
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], name: str = "") -> ModelSpec:
-        """Sizes from a ``config.json`` mapping; :class:`MossCheckpointError` if it is not CodeGen-like."""
-        model_type = config.get("model_type")
-        if model_type not in _BLOCK_CLASS:
-            raise MossCheckpointError(
-                f"{name or 'checkpoint'}: config model_type is {model_type!r}; moss-agent loads MOSS "
-                "checkpoints "
-                f"(model_type 'moss', as fnlp/moss-moon-003-sft) and CodeGen / GPT-J ones ('codegen', 'gptj')"
-            )
-        d = int(config["n_embd"])
-        return cls(
-            name=name or str(config.get("_name_or_path") or "model"),
-            model_type=model_type,
-            n_layer=int(config["n_layer"]),
-            n_embd=d,
-            n_head=int(config["n_head"]),
-            n_inner=int(config.get("n_inner") or 4 * d),
-            vocab_size=int(config["vocab_size"]),
-            n_positions=int(config.get("n_positions") or REFERENCE_CONTEXT),
-            wbits=config.get("wbits"),
-        )
-
-    @property
-    def block_class(self) -> str:
-        """The transformers module class of one block (never split across devices)."""
-        return _BLOCK_CLASS[self.model_type]
-
-    def modules(self) -> list[str]:
-        """The device-map units in execution order."""
-        blocks = [f"transformer.h.{i}" for i in range(self.n_layer)]
-        return ["transformer.wte", *blocks, "transformer.ln_f", "lm_head"]
-
-    def _parts(self, module: str) -> tuple[int, int, int]:
-        """(matrix entries, matrix rows, small parameters) of a module."""
-        d, inner, v = self.n_embd, self.n_inner, self.vocab_size
-        if module == "transformer.wte":
-            return v * d, v, 0
-        if module == "lm_head":
-            return v * d, v, v
-        if module == "transformer.ln_f":
-            return 0, 0, 2 * d
-        return 4 * d * d + 2 * d * inner, 4 * d + inner + d, inner + 3 * d  # a block
-
-    @property
-    def n_params(self) -> int:
-        """Learned parameters."""
-        return sum(m + s for m, _, s in (self._parts(x) for x in self.modules()))
-
-    def module_bytes(self, module: str, precision: str, offloaded: bool = False) -> int:
-        """Stored bytes of ``module``; offloaded modules stay unquantised (as bitsandbytes keeps them)."""
-        mat, rows, small = self._parts(module)
-        if precision == "fp32":
-            return 4 * (mat + small)
-        if precision in ("bf16", "fp16") or offloaded:
-            return 2 * (mat + small)
-        if precision == "int8":
-            if module in ("transformer.wte", "lm_head"):  # LLM.int8 keeps these in 16 bits
-                return 2 * (mat + small)
-            return mat + 4 * rows + 2 * small
-        return int(mat * NF4_BYTES) + 2 * small
 
 
 @dataclass(frozen=True)
@@ -489,7 +377,6 @@ def _spec_and_path(source: ModelSpec | Mapping[str, Any] | str | Path) -> tuple[
     known = _known_config(str(source))
     if known is not None:
         return ModelSpec.from_config(known, name=str(source)), None
-    from moss_agent.loading import resolve_checkpoint  # a hub id: fetch config.json only
 
     path = resolve_checkpoint(str(source), weights=False)
     return _spec_and_path(path)[0], path
@@ -565,11 +452,9 @@ def plan_load(
     """
     spec, path = _spec_and_path(config_or_path)
     if spec.wbits:
-        from moss_agent.loading import gptq_error
-
         raise gptq_error(spec, path)
     if hardware is None:
-        from moss_agent.hardware import inspect_hardware
+        from moss_agent.checkpoints.hardware import inspect_hardware
 
         hardware = inspect_hardware()
     wanted = normalize_precision(precision)
@@ -592,7 +477,7 @@ def plan_load(
     placements = _placements(spec, chosen, mapping, budget, turn_tokens, context, batch)
     bf16 = not budget.gpus or all(g.bf16 for g in hardware.gpus)
     # LLM.int8 computes in float16 (it casts anything else); NF4 takes bfloat16 where the hardware has it
-    dtype = _DTYPE.get(chosen) or ("float16" if chosen == "int8" or not bf16 else "bfloat16")
+    dtype = DTYPES.get(chosen) or ("float16" if chosen == "int8" or not bf16 else "bfloat16")
     plan = LoadPlan(
         spec,
         chosen,
@@ -645,4 +530,26 @@ def _refusal(
         f"{'in ' + wanted if wanted != 'auto' else 'in any precision'} on this machine. Needed: {needs}. "
         f"Available: GPUs [{gpus}], CPU RAM {_size(budget.cpu)} (after reserves). "
         f"Options: {'; '.join(options)}."
+    )
+
+
+def gptq_error(spec: ModelSpec, path: Path | None = None, bits: int | None = None) -> UnsupportedCheckpointError:
+    """The refusal for a GPTQ checkpoint: what it is, and the fp16 checkpoint + bitsandbytes instead."""
+    declared = spec.wbits
+    if bits is None:
+        bits = gptq_bits(path, {"wbits": declared, "n_embd": spec.n_embd}, spec.name)
+    fp16 = "fnlp/moss-moon-003-sft-plugin" if "plugin" in spec.name else "fnlp/moss-moon-003-sft"
+    lie = f" (its config says wbits {declared}; the packed weights are {bits}-bit)" if bits != declared else ""
+    backend = (
+        f" gptqmodel is installed: it may read this GPTQ-for-LLaMa (GPTQ v1) packing as a codegen model "
+        f"given a quantize_config.json with bits {bits} and group_size 128; moss-agent does not load GPTQ "
+        "weights itself."
+        if importlib.util.find_spec("gptqmodel")
+        else ""
+    )
+    return UnsupportedCheckpointError(
+        f"{spec.name} is a GPTQ {bits}-bit checkpoint{lie}, whose Triton kernels need Linux + CUDA and do "
+        f'not split across GPUs.{backend} Load the fp16 checkpoint {fp16!r} with precision="int{bits}" instead: '
+        "bitsandbytes quantises it while loading, needs about the same memory, and runs on any GPU or the "
+        "CPU."
     )

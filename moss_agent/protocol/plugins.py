@@ -36,6 +36,7 @@ __all__ = [
     "TEXT2IMAGE_DONE",
     "TEXT_TO_IMAGE",
     "TEXT_TO_SPEECH",
+    "TOOL_KEYS",
     "WEB_SEARCH",
     "Plugin",
     "by_api",
@@ -121,6 +122,9 @@ PLUGINS: tuple[Plugin, ...] = (
 )
 """Every MOSS switch, in the order of the trained switch block."""
 
+TOOL_KEYS: tuple[str, ...] = tuple(p.key for p in PLUGINS if p.api)
+"""Keys of the plugins that run a tool (``search``, ``calculator``, ``solver``, ``text2image``)."""
+
 EXECUTION_ORDER: tuple[str, ...] = ("Search", "Calculate", "Solve", "Text2Image")
 """The order in which the release ran the commands of one turn, by API name."""
 
@@ -173,7 +177,7 @@ def custom_plugin(name: str, arg: str = "input", label: str | None = None) -> Pl
 def quote_snippet(text: str, limit: int = SNIPPET_LIMIT) -> str:
     """Quote a search snippet as the data does: newlines to spaces, cut to ``limit``, Python repr.
 
-    The text should already be scrubbed (see ``moss_agent.format.scrub``).
+    The text should already be scrubbed (see ``moss_agent.protocol.format.scrub``).
     """
     flat = " ".join(text.replace("\r", " ").split("\n"))
     return repr(flat[:limit])
@@ -230,7 +234,7 @@ def format_result_entry(command: str, output: str, layout: ResultLayout) -> str:
     Returns:
         ``'Calculate("1+1") => \'2\'\n'``, ``'Search("q") =>\n<|1|>: ...\n'`` or, for ``sentence``,
         ``'Text2Image("d") => Image generated successfully.\n'`` (used when Text2Image is not the turn's only
-        command; alone it is written as the bare sentence by ``moss_agent.format``).
+        command; alone it is written as the bare sentence by ``moss_agent.protocol.format``).
     """
     if layout == "block":
         body = output if output.endswith("\n") else output + "\n"

@@ -1,13 +1,11 @@
 """Synthetic MOSS-format dialogues for the demonstration model: calculator, solver, search, chat and memory.
 
-Every dialogue is rendered through :mod:`moss_agent.format` and :mod:`moss_agent.plugins`, so the demonstration
-model learns exactly the text the real agent writes. Tool results are computed honestly: Python arithmetic
-for ``Calculate`` (the release's recorded results are Python's, ``'36'`` and ``'22000.0'``), exact fractions for
-``Solve`` and a small made-up corpus for ``Search``, so that the real tools agree with what the model saw.
-
-Questions fall into a train or a test split by a stable hash of their text (of the made-up name, for search and
-memory questions): the model never trains on a held-out question verbatim, and held-out search questions ask
-about people it has never seen.
+Every dialogue is rendered through :mod:`moss_agent.protocol.format` and :mod:`moss_agent.protocol.plugins`, so
+the model learns exactly the text the real agent writes. Results are honest: Python arithmetic for ``Calculate`` (the release's
+recorded results are Python's, ``'36'``, ``'22000.0'``), exact fractions for ``Solve``, a made-up corpus for
+``Search``; the real tools print the same. Questions fall into a train or a test split by a stable hash of their
+text (of the made-up name, for search and memory): the model never trains on a held-out question, and held-out
+search questions ask about people it has never seen.
 """
 
 from __future__ import annotations
@@ -19,12 +17,12 @@ import random
 import re
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any, Literal
 
-from moss_agent import format as fmt
-from moss_agent import plugins
+from moss_agent.protocol import format as fmt
+from moss_agent.protocol import plugins
 
 __all__ = [
     "KINDS",
@@ -36,8 +34,6 @@ __all__ = [
     "dialogues",
     "evaluate_expression",
     "held_out_questions",
-    "random_switches",
-    "sample_dialogue",
     "search_snippets",
     "split_of",
     "trained_spans",
@@ -49,7 +45,7 @@ KINDS: tuple[str, ...] = ("calculator", "solver", "search", "chat", "memory", "f
 """Question kinds: the three plugins, plain chat, and two second turns that need the first: the user's name
 (``memory``) and a calculation on the previous result (``followup``)."""
 
-_TOOL_KEYS = ("search", "calculator", "solver", "text2image")
+_TOOL_KEYS = plugins.TOOL_KEYS
 _NEEDS = {"calculator": "calculator", "solver": "solver", "search": "search", "followup": "calculator"}
 _TEST_BUCKETS = 5  # one text in five belongs to the test split
 
@@ -61,12 +57,8 @@ def split_of(key: str) -> Split:
 
 # ---------------------------------------------------------------- honest arithmetic
 
-_OPS: dict[type, Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-}
+_OPS: dict[type, Callable[[Any, Any], Any]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
+_OPS[ast.Div] = operator.truediv
 
 
 def evaluate_expression(expr: str) -> int | float | None:
@@ -102,13 +94,9 @@ _ROLES = (
 )  # fmt: skip
 
 
-def _word(rng: random.Random, parts: int) -> str:
-    return "".join(rng.choice(_SYLLABLES) for _ in range(parts)).capitalize()
-
-
-def _made_up_name(rng: random.Random) -> str:
-    # One word: a two-word name would make the copy ambiguous for a two-layer model at the space token.
-    return _word(rng, rng.choice((2, 3)))
+def _word(rng: random.Random, parts: int | None = None) -> str:
+    """A made-up name of 2 or 3 syllables; one word, as the space token would make copying ambiguous."""
+    return "".join(rng.choice(_SYLLABLES) for _ in range(parts or rng.choice((2, 3)))).capitalize()
 
 
 def _fact(name: str) -> str:
@@ -124,7 +112,7 @@ def _corpus(split: Split) -> tuple[str, ...]:
     rng = random.Random(2023)
     names: dict[str, None] = {}
     while len(names) < (3000 if split == "train" else 400):
-        name = _made_up_name(rng)
+        name = _word(rng)
         if split_of(name) == split:
             names[name] = None
     return tuple(names)
@@ -151,13 +139,13 @@ def search_snippets(query: str, k: int = 3) -> list[str]:
 
 
 class DemoSearchBackend:
-    """A search backend over the made-up corpus, for the demo's ``Search`` tool (``search(query, k)``)."""
+    """A search backend over the made-up corpus for the demo's ``Search`` tool: at most two hits, as in training."""
 
     def search(self, query: str, k: int) -> list[Any]:
-        """Hits as :class:`moss_agent.tools.search_backends.SearchHit` (title = the person's name)."""
+        """Hits as :class:`moss_agent.tools.search_backends.SearchHit` (title: the person's name)."""
         from moss_agent.tools.search_backends import SearchHit
 
-        return [SearchHit(s.split(" is a ")[0], "", s) for s in search_snippets(query, k)]
+        return [SearchHit(s.split(" ", 1)[0], "", s) for s in search_snippets(query, min(k, 2))]
 
 
 # ---------------------------------------------------------------- turns
@@ -183,12 +171,7 @@ def _number(rng: random.Random) -> int:
 
 _ASK = ("What is {}?", "Calculate {}.", "How much is {}?", "Please compute {}.", "Can you work out {}?",
         "what's {}", "{} = ?", "Tell me the value of {}.", "Compute {} for me.")  # fmt: skip
-_WORD_OPS = {
-    "+": ("plus", "added to"),
-    "-": ("minus",),
-    "*": ("times", "multiplied by"),
-    "/": ("divided by",),
-}
+_WORD_OPS = {"+": ("plus", "added to"), "-": ("minus",), "*": ("times", "multiplied by"), "/": ("divided by",)}
 _ITEMS = ("apples", "books", "tickets", "pens", "boxes", "cakes", "chairs", "shirts")
 
 
@@ -243,20 +226,21 @@ _THOUGHTS = {
 _CALC_REPLY = ("The result is {}.", "The answer is {}.", "It comes to {}.", "That is {}.")
 
 
+def _tool_turn(kind: str, plugin: plugins.Plugin, human: str, arg: str, output: str, reply: str) -> fmt.MossTurn:
+    """A turn with one command, its result entry (``output`` after ``=>``) and the reply."""
+    command = str(fmt.Command(plugin.api or "", arg))
+    entry = plugins.format_result_entry(command, output, plugin.layout)
+    return fmt.MossTurn(human, reply, _THOUGHTS[kind], command, fmt.results_body([entry]))
+
+
 def _calculator_turn(rng: random.Random, human: str | None = None, expr: str | None = None) -> _Turn:
     if human is None or expr is None:
         human, expr = _calc_question(rng)
     value = evaluate_expression(expr)
     shown = plugins.NO_RESULT if value is None else str(value)
-    cmd = fmt.Command(plugins.CALCULATOR.api or "", expr)
-    entry = plugins.format_result_entry(str(cmd), plugins.format_calculate(shown), plugins.CALCULATOR.layout)
     reply = _pick(rng, _CALC_REPLY).format(shown)
-    turn = fmt.MossTurn(human, reply, _THOUGHTS["calculator"], fmt.commands_text([cmd]), fmt.results_body([entry]))
-    return _Turn("calculator", human, turn, str(cmd), shown)
-
-
-def _signed(value: int) -> str:
-    return f"+{value}" if value >= 0 else str(value)
+    turn = _tool_turn("calculator", plugins.CALCULATOR, human, expr, plugins.format_calculate(shown), reply)
+    return _Turn("calculator", human, turn, turn.commands, shown)
 
 
 def _solver_turn(rng: random.Random) -> _Turn:
@@ -268,19 +252,16 @@ def _solver_turn(rng: random.Random) -> _Turn:
         solution = [("x", Fraction(s + d, 2)), ("y", Fraction(s - d, 2))]
         human = _pick(rng, ("Solve {}.", "Solve the system {}.", "Find x and y if {}.", "What are x and y when {}?"))
     else:
-        eq = f"{'' if a == 1 else a}{v}{'' if b == 0 else _signed(b)}={c}"
+        eq = f"{'' if a == 1 else a}{v}{'' if b == 0 else f'{b:+d}'}={c}"
         solution = [(v, Fraction(c - b, a))]
         human = _pick(rng, ("Solve {e}.", "Solve {e} for {v}.", "Find {v} if {e}.", "What is {v} when {e}?",
                             "Help me solve the equation {e}.", "Please solve {e}", "{e}, what is {v}?"))  # fmt: skip
     human = human.format(eq, e=eq, v=v)  # the command copies the user's equation verbatim
     values = [(name, str(val)) for name, val in solution]
-    cmd = fmt.Command(plugins.EQUATION_SOLVER.api or "", eq)
-    entry = plugins.format_result_entry(str(cmd), plugins.format_solve(values), plugins.EQUATION_SOLVER.layout)
     answer = " and ".join(f"{n} = {val}" for n, val in values)
     reply = _pick(rng, ("The solution is {}.", "{}.", "Solving the equation gives {}.")).format(answer)
-    thoughts = _THOUGHTS["solver"]
-    turn = fmt.MossTurn(human, reply, thoughts, fmt.commands_text([cmd]), fmt.results_body([entry]))
-    return _Turn("solver", human, turn, str(cmd), answer)
+    turn = _tool_turn("solver", plugins.EQUATION_SOLVER, human, eq, plugins.format_solve(values), reply)
+    return _Turn("solver", human, turn, turn.commands, answer)
 
 
 _WHO = ("Who is {}?", "Tell me about {}.", "What do you know about {}?", "Can you look up {}?",
@@ -290,18 +271,15 @@ _WHO = ("Who is {}?", "Tell me about {}.", "What do you know about {}?", "Can yo
 
 def _search_turn(rng: random.Random, split: Split) -> _Turn:
     known = rng.random() < 0.9
-    name = _pick(rng, _corpus(split)) if known else _made_up_name(rng)
+    name = _pick(rng, _corpus(split)) if known else _word(rng)
     human = _pick(rng, _WHO).format(name)
     snippets = search_snippets(name, rng.randint(1, 2))
-    cmd = fmt.Command(plugins.WEB_SEARCH.api or "", name)
-    entry = plugins.format_result_entry(str(cmd), plugins.format_search_hits(snippets), plugins.WEB_SEARCH.layout)
-    if snippets:
+    if snippets:  # the reply cites the first hit, as MOSS does
         reply = f"{_pick(rng, ('', 'According to the search results, '))}{snippets[0][:-1]}<sup><|1|></sup>."
     else:
         reply = f"Sorry, I could not find any information about {name}."
-    thoughts = _THOUGHTS["search"]
-    turn = fmt.MossTurn(human, reply, thoughts, fmt.commands_text([cmd]), fmt.results_body([entry]))
-    return _Turn("search", name, turn, str(cmd), snippets[0][:-1] if snippets else "could not find")
+    turn = _tool_turn("search", plugins.WEB_SEARCH, human, name, plugins.format_search_hits(snippets), reply)
+    return _Turn("search", name, turn, turn.commands, snippets[0][:-1] if snippets else "could not find")
 
 
 _CHAT: tuple[tuple[Sequence[str], Sequence[str], Sequence[str]], ...] = (
@@ -328,20 +306,17 @@ def _chat_turn(rng: random.Random, plugins_on: bool) -> _Turn:
     heads, tails, replies = _CHAT[rng.randrange(len(_CHAT))]
     human = _pick(rng, heads) + _pick(rng, tails)
     reply = _pick(rng, replies)
-    if plugins_on:
-        turn = fmt.MossTurn(human, reply, _THOUGHTS["chat"], results=fmt.results_body(None))
-    else:
-        turn = fmt.MossTurn(human, reply)
-    return _Turn("chat", human, turn, None, reply, tuple(replies))
+    turn = fmt.MossTurn(human, reply, _THOUGHTS["chat"], results=fmt.results_body(None)) if plugins_on else None
+    return _Turn("chat", human, turn or fmt.MossTurn(human, reply), None, reply, tuple(replies))
 
 
 def _memory_turns(rng: random.Random, plugins_on: bool, split: Split) -> list[_Turn]:
     """The user's name in turn 1, asked for in turn 2."""
     thoughts = _THOUGHTS["chat"] if plugins_on else fmt.NONE
     results = fmt.results_body(None, plugins_on=plugins_on)
-    name = _word(rng, rng.choice((2, 3)))
+    name = _word(rng)
     while split_of(name) != split:
-        name = _word(rng, rng.choice((2, 3)))
+        name = _word(rng)
     intro = _pick(rng, ("My name is {}.", "Hi, I am {}.", "Call me {}.", "Hello, my name is {}!")).format(name)
     hello = fmt.MossTurn(intro, f"Nice to meet you, {name}! How can I help you?", thoughts, results=results)
     ask = _pick(rng, ("What is my name?", "Do you remember my name?", "Who am I?", "What did I say my name was?"))
@@ -366,17 +341,10 @@ def _followup_turns(rng: random.Random) -> list[_Turn]:
 
 @dataclass
 class DemoDialogue:
-    """One synthetic conversation and, per turn, its kind and expected command.
-
-    Attributes:
-        conversation: The conversation, ready for ``to_text()``.
-        kinds: The kind of each turn.
-        keys: The text that decided each turn's split.
-    """
+    """One synthetic conversation and the kind of each of its turns (one of :data:`KINDS`)."""
 
     conversation: fmt.MossConversation
-    kinds: list[str] = field(default_factory=list)
-    keys: list[str] = field(default_factory=list)
+    kinds: list[str]
 
 
 def _turn_of_kind(rng: random.Random, kind: str, plugins_on: bool, split: Split) -> list[_Turn]:
@@ -397,8 +365,8 @@ _WEIGHTS = {"calculator": 3.0, "solver": 2.0, "search": 4.0, "chat": 1.0, "memor
 _TWO_TURNS = ("memory", "followup")
 
 
-def random_switches(rng: random.Random) -> tuple[str, ...]:
-    """A random set of enabled plugin keys: one time in twelve none, otherwise each tool with chance 3/4."""
+def _switches(rng: random.Random) -> tuple[str, ...]:
+    """Enabled plugin keys: one time in twelve none, otherwise each tool with chance 3/4."""
     if rng.random() < 1 / 12:
         return ()
     on: tuple[str, ...] = ()
@@ -407,33 +375,23 @@ def random_switches(rng: random.Random) -> tuple[str, ...]:
     return on
 
 
-def sample_dialogue(
-    rng: random.Random, enabled: Sequence[str], split: Split = "train", turns: int | None = None
-) -> DemoDialogue:
-    """One dialogue (1 or 2 turns) whose questions need only the plugins in ``enabled`` (keys).
-
-    Args:
-        rng: The random source.
-        enabled: Plugin keys switched on; none means the no-plugin layout (plain chat and memory).
-        split: ``train`` or ``test``; a question of one split never occurs in the other.
-        turns: 1 or 2 turns; by default 2 one time in four.
-    """
+def _dialogue(rng: random.Random, enabled: Sequence[str], split: Split, turns: int) -> DemoDialogue:
+    """A dialogue of 1 or 2 turns that needs only the plugins ``enabled``; none is the no-plugin layout."""
     plugins_on = bool(enabled)
     pool = [k for k in _WEIGHTS if _NEEDS.get(k) in (None, *enabled)] if plugins_on else ["chat", "memory"]
-    n_turns = turns or rng.choice((1, 1, 1, 2))
-    if n_turns == 1:
+    if turns == 1:
         pool = [k for k in pool if k not in _TWO_TURNS]
     made: list[_Turn] = []
-    while len(made) < n_turns:
+    while len(made) < turns:
         kind = rng.choices(pool, [_WEIGHTS[k] for k in pool])[0]
         new = _turn_of_kind(rng, kind, plugins_on, split)
-        if all(split_of(t.key) == split for t in new) and len(made) + len(new) <= n_turns:
+        if all(split_of(t.key) == split for t in new) and len(made) + len(new) <= turns:
             made += new
     moss_turns = [t.turn for t in made]
     if len(moss_turns) > 1 and rng.random() < 0.5:  # production compacts earlier results
         moss_turns[0] = moss_turns[0].compacted()
     system = fmt.system_prompt(sorted(enabled, key=_TOOL_KEYS.index))
-    return DemoDialogue(fmt.MossConversation(system, moss_turns), [t.kind for t in made], [t.key for t in made])
+    return DemoDialogue(fmt.MossConversation(system, moss_turns), [t.kind for t in made])
 
 
 def dialogues(n: int | None, *, seed: int = 0, split: Split = "train") -> Iterator[DemoDialogue]:
@@ -447,7 +405,7 @@ def dialogues(n: int | None, *, seed: int = 0, split: Split = "train") -> Iterat
     rng = random.Random(f"moss-demo-{split}-{seed}")
     count = 0
     while n is None or count < n:
-        yield sample_dialogue(rng, random_switches(rng), split)
+        yield _dialogue(rng, _switches(rng), split, rng.choice((1, 1, 1, 2)))
         count += 1
 
 
@@ -459,8 +417,8 @@ def dialogue_batches(size: int, *, seed: int = 0, split: Split = "train") -> Ite
     """
     rng = random.Random(f"moss-demo-batches-{split}-{seed}")
     while True:
-        enabled, turns = random_switches(rng), rng.choice((1, 1, 1, 2))
-        yield [sample_dialogue(rng, enabled, split, turns) for _ in range(size)]
+        enabled, turns = _switches(rng), rng.choice((1, 1, 1, 2))
+        yield [_dialogue(rng, enabled, split, turns) for _ in range(size)]
 
 
 def trained_spans(conversation: fmt.MossConversation) -> list[tuple[int, int]]:

@@ -1,9 +1,4 @@
-"""Generation: the Engine protocol every face talks to, and the local transformers engine.
-
-The engine knows text and tokens, never plugins: callers say which MOSS end tokens stop a generation
-(``<eoc>`` for plugin pass 1, ``<eom>`` for replies) and get back the text before the stop and what stopped
-it.
-"""
+"""The local engine: a transformers causal LM with MOSS end-token stops, streaming and prefix KV-cache reuse."""
 
 from __future__ import annotations
 
@@ -11,165 +6,14 @@ import copy
 import os
 import threading
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any
 
-from moss_agent._decoding import TextTracker, common_prefix, make_generator, next_tokens
-from moss_agent._kv import ModelRunner
+from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context
+from moss_agent.engines.decoding import TextTracker, common_prefix, make_generator, next_tokens
+from moss_agent.engines.kv_cache import ModelRunner
 
-__all__ = [
-    "ContextWindowExceededError",
-    "Delta",
-    "Engine",
-    "Generation",
-    "SamplingParams",
-    "TransformersEngine",
-    "fit_context",
-]
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How to generate. Defaults are the MOSS release's.
-
-    Attributes:
-        max_new_tokens: Upper bound on generated tokens.
-        temperature: Sampling temperature; 0 means greedy.
-        top_p: Nucleus sampling mass.
-        top_k: Top-k sampling.
-        repetition_penalty: The release's mild repetition penalty.
-        do_sample: False for greedy decoding.
-        seed: Seed for reproducible sampling.
-        stop_tokens: MOSS end tokens that end generation (each one token id).
-        stop: Further stop strings.
-        truncate: What to do when prompt plus ``max_new_tokens`` exceed the context window: ``error`` raises,
-            ``left`` drops the oldest prompt tokens.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.8
-    top_k: int = 40
-    repetition_penalty: float = 1.02
-    do_sample: bool = True
-    seed: int | None = None
-    stop_tokens: tuple[str, ...] = ("<eom>",)
-    stop: tuple[str, ...] = ()
-    truncate: Literal["error", "left"] = "error"
-
-    @property
-    def greedy(self) -> bool:
-        """Whether decoding is greedy."""
-        return not self.do_sample or self.temperature <= 0
-
-    def with_(self, **changes: object) -> SamplingParams:
-        """A copy with some fields changed."""
-        return replace(self, **changes)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class Generation:
-    """The result of one generation.
-
-    Attributes:
-        text: Generated text, without the stop token or stop string that ended it.
-        stop_reason: The end token or stop string that ended it, ``"length"`` at ``max_new_tokens`` or the
-            context window, ``"eos"`` at another end-of-sequence token.
-        prompt_tokens: Tokens in the prompt.
-        completion_tokens: Tokens generated (the stop token included).
-        cached_tokens: Prompt tokens whose KV cache was reused rather than prefilled.
-    """
-
-    text: str
-    stop_reason: str
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    token_ids: tuple[int, ...] = field(default=(), repr=False)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """One streamed piece: new text, and on the last piece the whole :class:`Generation`.
-
-    Streamed text never contains part of a stop token or stop string.
-    """
-
-    text: str
-    generation: Generation | None = None
-
-
-@runtime_checkable
-class Engine(Protocol):
-    """What every face (ChatMoss, MossLLM, MossAgent) needs from a model, local or remote."""
-
-    @property
-    def model_name(self) -> str:
-        """A name for response metadata."""
-        ...
-
-    @property
-    def context_window(self) -> int:
-        """Prompt plus generated tokens the model can attend to."""
-        ...
-
-    def generate(self, prompt: str, params: SamplingParams) -> Generation:
-        """Generate a continuation of ``prompt``."""
-        ...
-
-    def generate_batch(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
-        """Generate continuations of several prompts; under greedy, equal to one by one."""
-        ...
-
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
-        """Generate, yielding text as it comes; the last delta carries the :class:`Generation`."""
-        ...
-
-    def count_tokens(self, text: str) -> int:
-        """Tokens in ``text`` under the model's tokenizer."""
-        ...
-
-    def token_ids(self, text: str) -> list[int]:
-        """Token ids of ``text`` under the model's tokenizer."""
-        ...
-
-
-class ContextWindowExceededError(ValueError):
-    """The prompt plus ``max_new_tokens`` do not fit the model's context window."""
-
-    def __init__(self, prompt_tokens: int, max_new_tokens: int, context_window: int) -> None:
-        self.prompt_tokens = prompt_tokens
-        self.max_new_tokens = max_new_tokens
-        self.context_window = context_window
-        super().__init__(
-            f"the prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} is "
-            f"{prompt_tokens + max_new_tokens} tokens, over the context window of {context_window}: "
-            "shorten the prompt (fewer turns of history), lower max_new_tokens, or pass "
-            "SamplingParams(truncate='left') to drop the oldest prompt tokens"
-        )
-
-
-def fit_context(ids: list[int], params: SamplingParams, context_window: int) -> list[int]:
-    """The prompt ids that fit beside ``params.max_new_tokens``: all, the newest, or an error.
-
-    Shared by the engines so that they agree on the context rules (``truncate="left"`` keeps the newest).
-
-    Raises:
-        ValueError: For an empty prompt or ``max_new_tokens`` below 1.
-        ContextWindowExceededError: When the prompt does not fit and may not be truncated (or nothing of it
-            would be left).
-    """
-    if not ids:
-        raise ValueError("the prompt is empty: an engine continues a prompt of at least one token")
-    if params.max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
-    room = context_window - params.max_new_tokens
-    if len(ids) <= room:
-        return ids
-    if params.truncate == "left" and room >= 1:
-        return ids[-room:]
-    raise ContextWindowExceededError(len(ids), params.max_new_tokens, context_window)
+__all__ = ["TransformersEngine"]
 
 
 class TransformersEngine:
@@ -230,7 +74,7 @@ class TransformersEngine:
         prefix_cache: bool = True,
         **load_kwargs: Any,
     ) -> TransformersEngine:
-        """Load a MOSS checkpoint (directory or hub id) with :func:`moss_agent.loading.load_moss`.
+        """Load a MOSS checkpoint (directory or hub id) with :func:`moss_agent.checkpoints.loading.load_moss`.
 
         Args:
             model: Checkpoint directory or hub id.
@@ -239,7 +83,7 @@ class TransformersEngine:
             prefix_cache: See the class.
             **load_kwargs: Passed to ``load_moss`` (``precision``, ``device_map``, ``max_memory``, ...).
         """
-        from moss_agent.loading import load_moss
+        from moss_agent.checkpoints.loading import load_moss
 
         loaded = load_moss(model, **load_kwargs)
         name = model_name or (Path(model).name if Path(model).is_dir() else str(model))

@@ -19,7 +19,6 @@ cast or split; mapped source pages are clean page cache that the kernel reclaims
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import gc
 import json
@@ -32,7 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from moss_agent import format as fmt
+from moss_agent.checkpoints.files import ShardWriter, write_json
+from moss_agent.protocol import format as fmt
+from moss_agent.settings import DTYPES, RELEASE_SAMPLING
 
 if TYPE_CHECKING:
     import torch
@@ -43,15 +44,12 @@ __all__ = [
     "PROBE",
     "ConversionError",
     "ConversionReport",
-    "add_convert_parser",
     "convert",
     "split_qkv",
     "verify_conversion",
 ]
 
 Format = Literal["gptj", "codegen"]
-DTYPES: dict[str, str] = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-"""The ``--dtype`` choices and their torch names."""
 MP_NUM = 4
 """Model-parallel groups of CodeGen's fused qkv projection (fixed in CodeGen's and MOSS's code)."""
 DEFAULT_SHARD_SIZE = 2 * 1024**3
@@ -63,7 +61,6 @@ PROBE = (
 )
 """The text whose logits :func:`verify_conversion` compares: MOSS layout, English, Chinese, end tokens."""
 _DROPPED = (".attn.causal_mask", ".attn.masked_bias", ".attn.bias")  # non-learned buffers of the MOSS code
-_RELEASE_SAMPLING = {"do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 40, "repetition_penalty": 1.02}
 _CONFIG_KEYS = (
     "vocab_size n_positions n_embd n_layer n_head rotary_dim n_inner activation_function resid_pdrop embd_pdrop "
     "attn_pdrop layer_norm_epsilon initializer_range use_cache"
@@ -179,57 +176,7 @@ def _rename(name: str, tensor: torch.Tensor, target: Format) -> list[tuple[str, 
     return [(name, tensor)]
 
 
-class _ShardWriter:
-    """Collects tensors and writes a safetensors shard whenever ``limit`` bytes are reached."""
-
-    def __init__(self, out: Path, limit: int) -> None:
-        self.out, self.limit = out, limit
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[Path, list[str]]] = []
-        self.total_bytes = self.parameters = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.limit:
-            self.flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total_bytes += size
-        self.parameters += tensor.numel()
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        from safetensors.torch import save_file
-
-        file = self.out / f"part-{len(self.files) + 1:05d}.safetensors"
-        save_file(self.pending, str(file), metadata={"format": "pt"})
-        self.files.append((file, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> int:
-        """Rename the shards to ``model-0000N-of-0000M.safetensors`` and write the index; returns M."""
-        self.flush()
-        count = len(self.files)
-        if count == 1:
-            self.files[0][0].rename(self.out / "model.safetensors")
-            return 1
-        weight_map: dict[str, str] = {}
-        for n, (file, names) in enumerate(self.files, 1):
-            final = f"model-{n:05d}-of-{count:05d}.safetensors"
-            file.rename(self.out / final)
-            weight_map.update(dict.fromkeys(names, final))
-        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(self.out / "model.safetensors.index.json", index)
-        return count
-
-
 # ---------------------------------------------------------------- config and tokenizer
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
 def _model_config(source: dict[str, Any], target: Format, dtype: str, bos: int | None, eos: int) -> dict[str, Any]:
@@ -249,7 +196,7 @@ def _model_config(source: dict[str, Any], target: Format, dtype: str, bos: int |
 
 def _write_tokenizer(src: Path, out: Path, n_positions: int) -> tuple[int | None, int, int]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json``; returns the bos and ``<eom>`` ids and the token count."""
-    from moss_agent.loading import load_tokenizer
+    from moss_agent.checkpoints.loading import load_tokenizer
 
     tokenizer, end_ids = load_tokenizer(src)  # MOSS's vocab.json / merges.txt / added tokens, never remote code
     tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
@@ -263,14 +210,14 @@ def _write_tokenizer(src: Path, out: Path, n_positions: int) -> tuple[int | None
         "clean_up_tokenization_spaces": False,  # decode must give back the exact text
         "model_max_length": n_positions,
     }
-    _write_json(out / "tokenizer_config.json", config)
-    _write_json(out / "special_tokens_map.json", special)
+    write_json(out / "tokenizer_config.json", config)
+    write_json(out / "special_tokens_map.json", special)
     return tokenizer.bos_token_id, end_ids[fmt.EOM], len(tokenizer)
 
 
 def _check_source(src: Path, config: dict[str, Any]) -> None:
-    from moss_agent.loading import gptq_bits, gptq_error
-    from moss_agent.plan import ModelSpec
+    from moss_agent.checkpoints.loading import gptq_bits, gptq_error
+    from moss_agent.checkpoints.plan import ModelSpec
 
     kind = config.get("model_type")
     if kind == "gptj":
@@ -314,11 +261,11 @@ def convert(
     Raises:
         ConversionError: A source that is not a MOSS / CodeGen checkpoint, an existing ``dst``, a bad argument,
             or logits that differ beyond tolerance.
-        moss_agent.loading.UnsupportedCheckpointError: For GPTQ-quantised sources (convert the fp16 release).
+        UnsupportedCheckpointError: For GPTQ-quantised sources (convert the fp16 release).
     """
     import torch
 
-    from moss_agent.loading import read_config, resolve_checkpoint
+    from moss_agent.checkpoints.loading import read_config, resolve_checkpoint
 
     if format not in ("gptj", "codegen"):
         raise ConversionError(f"format must be 'gptj' or 'codegen', got {format!r}")
@@ -338,7 +285,7 @@ def convert(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         bos, eos, n_tokens = _write_tokenizer(source, tmp, int(config.get("n_positions", 2048)))
-        writer = _ShardWriter(tmp, max_shard_size)
+        writer = ShardWriter(tmp, "safetensors", max_shard_size)
         written_dtype: torch.dtype | None = torch_dtype
         for file in files:
             for name, tensor in _tensors(file):
@@ -353,9 +300,9 @@ def convert(
                 del tensor
         shards = writer.finish()
         dtype_name = str(written_dtype or torch.float16).removeprefix("torch.")
-        _write_json(tmp / "config.json", _model_config(config, format, dtype_name, bos, eos))
-        generation = {"bos_token_id": bos, "eos_token_id": eos, **_RELEASE_SAMPLING, "max_new_tokens": 512}
-        _write_json(tmp / "generation_config.json", generation)
+        write_json(tmp / "config.json", _model_config(config, format, dtype_name, bos, eos))
+        generation = {"bos_token_id": bos, "eos_token_id": eos, **RELEASE_SAMPLING, "max_new_tokens": 512}
+        write_json(tmp / "generation_config.json", generation)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
@@ -374,7 +321,7 @@ def _probe_logits(path: Path, precision: str, probe: str) -> torch.Tensor:
     """The logits of the tokens (not of the vocabulary's padding rows) at every position of ``probe``."""
     import torch
 
-    from moss_agent.loading import load_moss
+    from moss_agent.checkpoints.loading import load_moss
 
     loaded = load_moss(path, precision=precision)
     ids = torch.tensor([loaded.tokenizer.encode(probe, add_special_tokens=False)])
@@ -412,7 +359,7 @@ def verify_conversion(
     Raises:
         ConversionError: When the difference exceeds the tolerance.
     """
-    from moss_agent.loading import read_config, resolve_checkpoint
+    from moss_agent.checkpoints.loading import read_config, resolve_checkpoint
 
     converted = Path(dst)
     dtype = str(read_config(converted).get("torch_dtype", "float32"))
@@ -430,53 +377,3 @@ def verify_conversion(
             f"top token agrees at {agreement:.0%} of positions): the conversion is wrong; please report it"
         )
     return diff, agreement
-
-
-# ---------------------------------------------------------------- command line
-
-
-def _cmd_convert(args: argparse.Namespace) -> int:
-    report = convert(
-        args.src,
-        args.dst,
-        format=args.format,
-        dtype=args.dtype,
-        max_shard_size=int(args.max_shard_size * 1024**3),
-        overwrite=args.overwrite,
-        verify=args.verify,
-    )
-    print(
-        f"wrote {report.path}: {report.format}, {report.dtype}, {report.parameters:,} parameters in "
-        f"{report.shards} shard(s), {report.total_bytes / 1024**3:.2f} GiB, {report.seconds:.1f} s"
-    )
-    if report.max_abs_diff is not None:
-        print(
-            f"verified: largest logit difference {report.max_abs_diff:.3g}, "
-            f"top token agrees at {report.argmax_agreement:.0%} of probe positions"
-        )
-    return 0
-
-
-def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``convert SRC DST --format gptj|codegen [--dtype ...] [--verify]`` to ``moss-agent``'s subcommands.
-
-    Args:
-        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
-
-    Returns:
-        The new subparser (its ``func`` default runs the conversion and returns the exit code).
-    """
-    p = subparsers.add_parser(
-        "convert",
-        help="write a MOSS checkpoint as a standard GPT-J / CodeGen checkpoint (safetensors, fast tokenizer)",
-        description="Convert a MOSS checkpoint for serving engines (vLLM: --format gptj) with no remote code.",
-    )
-    p.add_argument("src", help="MOSS checkpoint directory or hub id")
-    p.add_argument("dst", help="directory to write")
-    p.add_argument("--format", default="gptj", choices=["gptj", "codegen"], help="target architecture (gptj)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="floating-point dtype to write (default: the source's)")
-    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard (bounds memory)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.add_argument("--verify", action="store_true", help="compare logits with the source on a probe afterwards")
-    p.set_defaults(func=_cmd_convert)
-    return p

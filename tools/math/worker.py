@@ -5,7 +5,7 @@ each job in milliseconds. A job that runs past its limit is not waited for: the 
 fails with :class:`WorkerTimeout`, and a fresh worker starts in the background for the next call. So a hung
 computation never hangs the agent, and a crash of the worker never takes the agent with it.
 
-The worker loads ``tools/_math_eval.py`` and ``tools/_safe_math.py`` from this folder under a private package
+The worker loads ``evaluate.py`` and ``check.py`` from this folder under a private package
 name, without running ``moss_agent``'s package ``__init__`` files, so it imports only the standard library and
 sympy. Requests and replies are JSON lines on the worker's stdin and stdout.
 """
@@ -36,7 +36,7 @@ sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 package = types.ModuleType("_moss_math_worker")
 package.__path__ = [sys.argv[1]]
 sys.modules["_moss_math_worker"] = package
-importlib.import_module("_moss_math_worker._bounded").serve(sys.argv[2], int(sys.argv[3]))
+importlib.import_module("_moss_math_worker.worker").serve(sys.argv[2], int(sys.argv[3]))
 """
 
 
@@ -95,7 +95,7 @@ class _Process:
 
 
 class MathWorker:
-    """Worker processes that run the jobs of ``tools._math_eval.handle``, one at a time, each time-bounded.
+    """Worker processes that run the jobs of ``evaluate.handle``, one at a time, each time-bounded.
 
     One process answers; once it is ready a second one starts as a hot spare, so that when a job is cut
     off the next call does not wait for a new process to import sympy.
@@ -112,7 +112,7 @@ class MathWorker:
 
     def __init__(
         self,
-        target: str = "_math_eval",
+        target: str = "evaluate",
         *,
         startup_timeout: float = 20.0,
         memory_mb: int = 2048,

@@ -12,17 +12,15 @@ byte-level BPE with MOSS's added tokens. Placement, dtype and bitsandbytes quant
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import pickle
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from moss_agent.format import END_TOKENS
-from moss_agent.hardware import Hardware
-from moss_agent.plan import (
+from moss_agent.checkpoints.files import check_files, gptq_bits, load_tokenizer, read_config, resolve_checkpoint
+from moss_agent.checkpoints.hardware import Hardware
+from moss_agent.checkpoints.plan import (
     REFERENCE_CONTEXT,
     TURN_TOKENS,
     InsufficientMemoryError,
@@ -30,6 +28,7 @@ from moss_agent.plan import (
     ModelSpec,
     MossCheckpointError,
     UnsupportedCheckpointError,
+    gptq_error,
     plan_load,
 )
 
@@ -48,13 +47,8 @@ __all__ = [
     "resolve_checkpoint",
 ]
 
-_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _NOT_CODEGEN_KEYS = frozenset(
     "model_type auto_map architectures _name_or_path transformers_version torch_dtype wbits groupsize".split()
-)
-_WEIGHTS = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
 )
 
 
@@ -80,161 +74,7 @@ class LoadedMoss:
 # ---------------------------------------------------------------- finding and checking the files
 
 
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)
-
-
-def resolve_checkpoint(model: str | os.PathLike[str], *, weights: bool = True) -> Path:
-    """The local directory of ``model``: the directory itself, or a hub snapshot (no remote code files).
-
-    Args:
-        model: A checkpoint directory or a hub id such as ``fnlp/moss-moon-003-sft-plugin``.
-        weights: Also fetch the weight files (False fetches only the JSON and text files).
-
-    Raises:
-        MossCheckpointError: When it is neither a directory nor reachable on the hub; the message says how to
-            get the files.
-    """
-    path = Path(model).expanduser()
-    if path.is_dir():
-        return path
-    name = str(model)
-    if not _HUB_ID.fullmatch(name):
-        raise MossCheckpointError(f"{name!r} is not a directory and not a hub id like 'fnlp/moss-moon-003-sft'")
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.txt"] + (["*.bin", "*.safetensors"] if weights else [])
-    offline = _offline()
-    try:
-        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline))
-    except Exception as err:  # huggingface_hub raises many kinds for offline / missing / network errors
-        how = f"download it where there is network (`hf download {name} --exclude '*.py'`) and pass the local directory"
-        if offline:
-            raise MossCheckpointError(
-                f"{name!r} is not a local directory, HF_HUB_OFFLINE is set and no cached copy exists: {how}, "
-                "or unset HF_HUB_OFFLINE"
-            ) from err
-        raise MossCheckpointError(f"could not fetch {name!r} from the hub ({err}): {how}") from err
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """``config.json`` of a checkpoint directory; :class:`MossCheckpointError` if absent or unreadable."""
-    file = path / "config.json"
-    if not file.is_file():
-        raise MossCheckpointError(f"{path} has no config.json: is it a MOSS checkpoint directory?")
-    try:
-        return dict(json.loads(file.read_text(encoding="utf-8")))
-    except ValueError as err:
-        raise MossCheckpointError(f"{file} is not valid JSON: {err}") from err
-
-
-def _check_files(path: Path) -> None:
-    """Raise one error listing every missing tokenizer or weight file."""
-    missing = []
-    if not (path / "tokenizer.json").is_file():
-        missing += [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
-    for index, single in _WEIGHTS:
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()))
-            missing += [s for s in shards if not (path / s).is_file()]
-            break
-        if (path / single).is_file():
-            break
-    else:
-        missing.append("pytorch_model.bin.index.json with its pytorch_model-*.bin shards (or model.safetensors)")
-    if missing:
-        raise MossCheckpointError(f"{path} is missing {', '.join(missing)}; re-download the checkpoint")
-
-
-# ---------------------------------------------------------------- GPTQ checkpoints
-
-
-def _tensor_shape(path: Path, name: str) -> tuple[int, ...] | None:
-    """The shape of one stored tensor, read without loading the weights (safetensors header or meta)."""
-    for index, single in _WEIGHTS:
-        file = path / single
-        if (path / index).is_file():
-            file = path / json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].get(name, single)
-        if not file.is_file():
-            continue
-        if file.suffix == ".safetensors":
-            with open(file, "rb") as f:
-                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-            return tuple(header[name]["shape"]) if name in header else None
-        import torch
-
-        tensor = torch.load(file, map_location="meta", weights_only=True, mmap=True).get(name)
-        return None if tensor is None else tuple(tensor.shape)
-    return None
-
-
-def gptq_bits(path: Path | None, config: dict[str, Any], name: str = "") -> int | None:
-    """The real bit width of a GPTQ-quantised checkpoint, or None if it is not quantised.
-
-    The released ``moss-moon-003-sft-plugin-int8`` config says ``wbits: 4``: the packed ``qweight`` rows
-    (``in_features * bits / 32``) tell the truth when the weights are at hand, the name otherwise.
-    """
-    if not config.get("wbits"):
-        return None
-    shape = _tensor_shape(path, "transformer.h.0.attn.qkv_proj.qweight") if path else None
-    if shape:
-        return shape[0] * 32 // int(config["n_embd"])
-    return 8 if "int8" in (name or (path.name if path else "")) else int(config["wbits"])
-
-
-def gptq_error(spec: ModelSpec, path: Path | None = None, bits: int | None = None) -> UnsupportedCheckpointError:
-    """The refusal for a GPTQ checkpoint: what it is, and the fp16 checkpoint + bitsandbytes instead."""
-    declared = spec.wbits
-    if bits is None:
-        bits = gptq_bits(path, {"wbits": declared, "n_embd": spec.n_embd}, spec.name)
-    fp16 = "fnlp/moss-moon-003-sft-plugin" if "plugin" in spec.name else "fnlp/moss-moon-003-sft"
-    lie = f" (its config says wbits {declared}; the packed weights are {bits}-bit)" if bits != declared else ""
-    backend = (
-        f" gptqmodel is installed: it may read this GPTQ-for-LLaMa (GPTQ v1) packing as a codegen model "
-        f"given a quantize_config.json with bits {bits} and group_size 128; moss-agent does not load GPTQ "
-        "weights itself."
-        if importlib.util.find_spec("gptqmodel")
-        else ""
-    )
-    return UnsupportedCheckpointError(
-        f"{spec.name} is a GPTQ {bits}-bit checkpoint{lie}, whose Triton kernels need Linux + CUDA and do "
-        f'not split across GPUs.{backend} Load the fp16 checkpoint {fp16!r} with precision="int{bits}" instead: '
-        "bitsandbytes quantises it while loading, needs about the same memory, and runs on any GPU or the "
-        "CPU."
-    )
-
-
-# ---------------------------------------------------------------- tokenizer and model
-
-
-def load_tokenizer(path: Path) -> tuple[Any, dict[str, int]]:
-    """The fast tokenizer of a checkpoint and the ids of the MOSS end tokens.
-
-    Raises:
-        MossCheckpointError: When an end token is missing or is not a single token.
-    """
-    from transformers import AutoTokenizer, GPT2TokenizerFast  # type: ignore[attr-defined]
-
-    tok_config = path / "tokenizer_config.json"
-    named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
-    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and (path / "vocab.json").is_file():
-        tokenizer = GPT2TokenizerFast.from_pretrained(path)  # reads MOSS's files; never its remote code
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    ids: dict[str, int] = {}
-    for token in END_TOKENS:
-        encoded = tokenizer.encode(token, add_special_tokens=False)
-        if len(encoded) != 1 or encoded[0] != tokenizer.convert_tokens_to_ids(token):
-            raise MossCheckpointError(
-                f"the tokenizer in {path} encodes {token!r} as {encoded}, not one added token: MOSS's "
-                "added_tokens.json / special tokens are missing"
-            )
-        ids[token] = encoded[0]
-    return tokenizer, ids
+# ---------------------------------------------------------------- model
 
 
 def _hf_config(path: Path, config: dict[str, Any]) -> tuple[Any, Any]:
@@ -347,8 +187,8 @@ def load_moss(
     if bits:
         raise gptq_error(spec, path if local else None, bits)
     if local:
-        _check_files(path)
-    from moss_agent.hardware import inspect_hardware
+        check_files(path)
+    from moss_agent.checkpoints.hardware import inspect_hardware
 
     hardware = hardware or inspect_hardware()
     folder = None if offload_folder is None else str(offload_folder)
@@ -358,7 +198,7 @@ def load_moss(
     )  # fmt: skip
     if not local:
         path = resolve_checkpoint(model, weights=True)
-        _check_files(path)
+        check_files(path)
     tokenizer, end_ids = load_tokenizer(path)
 
     import torch

@@ -1,6 +1,6 @@
 """Token-level helpers of the transformers engine: logits processing, sampling and incremental text.
 
-Kept apart from :mod:`moss_agent.engine`, which holds the protocol and the decode loop.
+Kept apart from :mod:`moss_agent.engines.transformers`, which holds the decode loop.
 Imports torch at call time only (the type names are for annotations).
 """
 
@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
+from moss_agent.engines.base import SamplingParams, StopCutter
+
 if TYPE_CHECKING:
     import torch
-
-    from moss_agent.engine import SamplingParams
 
 __all__ = ["TextTracker", "common_prefix", "make_generator", "next_tokens"]
 
@@ -105,24 +105,17 @@ def next_tokens(
     return torch.multinomial(scores.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-class TextTracker:
+class TextTracker(StopCutter):
     """Turns generated token ids into text, incrementally, and watches for stop strings.
 
-    Text grows only on whole UTF-8 characters (a token that ends inside a character waits for the next one),
-    and :meth:`ready` holds back any tail that could be the start of a stop string, so that streamed pieces
-    concatenate to exactly the final text and never show part of a stop string.
+    Text grows only on whole UTF-8 characters (a token that ends inside a character waits for the next one);
+    stop strings are cut and held back by :class:`~moss_agent.engines.base.StopCutter`.
     """
 
     def __init__(self, decode: Callable[[list[int]], str], stops: Sequence[str]) -> None:
+        super().__init__(stops)
         self._decode = decode
-        self._stops = tuple(s for s in stops if s)
-        self._longest = max((len(s) for s in self._stops), default=0)
         self._pending: list[int] = []
-        self._emitted = 0
-        self.text = ""
-        """Decoded text so far (cut before the stop string once one is found)."""
-        self.stop: str | None = None
-        """The stop string found, if any."""
 
     def push(self, token_id: int) -> None:
         """Add one generated token."""
@@ -131,40 +124,11 @@ class TextTracker:
         if piece.endswith(_REPLACEMENT):
             return  # likely a character split across tokens: wait for its remaining bytes
         self._pending.clear()
-        self._append(piece)
+        self.add(piece)
 
     def flush(self) -> None:
         """Decode whatever is pending (at the end of generation), incomplete characters included."""
         if self._pending:
             piece = self._decode(self._pending)
             self._pending.clear()
-            self._append(piece)
-
-    def _append(self, piece: str) -> None:
-        if self.stop is not None or not piece:
-            return
-        start = max(0, len(self.text) - self._longest + 1)
-        self.text += piece
-        found = [(i, s) for s in self._stops if (i := self.text.find(s, start)) >= 0]
-        if found:
-            cut, self.stop = min(found, key=lambda f: f[0])
-            self.text = self.text[:cut]
-
-    def _held(self) -> int:
-        """Length of the longest tail of the text that is a proper prefix of some stop string."""
-        if self.stop is not None:
-            return 0
-        held = 0
-        for s in self._stops:
-            for k in range(min(len(s) - 1, len(self.text) - self._emitted), held, -1):
-                if self.text.endswith(s[:k]):
-                    held = k
-                    break
-        return held
-
-    def ready(self, final: bool = False) -> str:
-        """Text not streamed yet that can be streamed now (all of it when ``final``)."""
-        end = len(self.text) - (0 if final else self._held())
-        piece = self.text[self._emitted : end]
-        self._emitted = max(self._emitted, end)
-        return piece
+            self.add(piece)

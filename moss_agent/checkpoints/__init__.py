@@ -1,0 +1,1 @@
+"""MOSS checkpoints: files, sizes, the load plan, hardware, loading and conversion."""

@@ -1,0 +1,389 @@
+"""Checkpoint files: finding a checkpoint, reading its config and tokenizer, and the one writer of its files.
+
+Readers: :func:`resolve_checkpoint` (a directory or a hub snapshot), :func:`read_config`, :func:`check_files`,
+:func:`gptq_bits` (the real bit width of a GPTQ checkpoint, from its tensors) and :func:`load_tokenizer`.
+Writers, used by the tiny test checkpoints, the demonstration model and ``moss-agent convert`` alike:
+:func:`write_json`, :func:`write_moss_tokenizer`, :class:`ShardWriter` and :func:`write_weights`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from moss_agent.checkpoints.spec import MossCheckpointError
+from moss_agent.protocol.format import END_TOKENS, EOM
+from moss_agent.settings import CONTEXT_WINDOW
+
+__all__ = [
+    "ENDOFTEXT",
+    "WEIGHT_FILES",
+    "ShardWriter",
+    "check_files",
+    "gptq_bits",
+    "load_tokenizer",
+    "moss_config",
+    "read_config",
+    "resolve_checkpoint",
+    "write_json",
+    "write_moss_tokenizer",
+    "write_weights",
+]
+
+ENDOFTEXT = "<|endoftext|>"
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+WEIGHT_FILES = (
+    ("model.safetensors.index.json", "model.safetensors"),
+    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+)
+"""(index, single file) of each weight layout, safetensors first."""
+WeightsFormat = Literal["bin", "safetensors"]
+
+
+def _offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def resolve_checkpoint(model: str | os.PathLike[str], *, weights: bool = True) -> Path:
+    """The local directory of ``model``: the directory itself, or a hub snapshot (no remote code files).
+
+    Args:
+        model: A checkpoint directory or a hub id such as ``fnlp/moss-moon-003-sft-plugin``.
+        weights: Also fetch the weight files (False fetches only the JSON and text files).
+
+    Raises:
+        MossCheckpointError: When it is neither a directory nor reachable on the hub; the message says how to
+            get the files.
+    """
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    name = str(model)
+    if not _HUB_ID.fullmatch(name):
+        raise MossCheckpointError(f"{name!r} is not a directory and not a hub id like 'fnlp/moss-moon-003-sft'")
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt"] + (["*.bin", "*.safetensors"] if weights else [])
+    offline = _offline()
+    try:
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=offline))
+    except Exception as err:  # huggingface_hub raises many kinds for offline / missing / network errors
+        how = f"download it where there is network (`hf download {name} --exclude '*.py'`) and pass the local directory"
+        if offline:
+            raise MossCheckpointError(
+                f"{name!r} is not a local directory, HF_HUB_OFFLINE is set and no cached copy exists: {how}, "
+                "or unset HF_HUB_OFFLINE"
+            ) from err
+        raise MossCheckpointError(f"could not fetch {name!r} from the hub ({err}): {how}") from err
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory; :class:`MossCheckpointError` if absent or unreadable."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise MossCheckpointError(f"{path} has no config.json: is it a MOSS checkpoint directory?")
+    try:
+        return dict(json.loads(file.read_text(encoding="utf-8")))
+    except ValueError as err:
+        raise MossCheckpointError(f"{file} is not valid JSON: {err}") from err
+
+
+def check_files(path: Path) -> None:
+    """Raise one error listing every missing tokenizer or weight file."""
+    missing = []
+    if not (path / "tokenizer.json").is_file():
+        missing += [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
+    for index, single in WEIGHT_FILES:
+        if (path / index).is_file():
+            shards = sorted(set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            missing += [s for s in shards if not (path / s).is_file()]
+            break
+        if (path / single).is_file():
+            break
+    else:
+        missing.append("pytorch_model.bin.index.json with its pytorch_model-*.bin shards (or model.safetensors)")
+    if missing:
+        raise MossCheckpointError(f"{path} is missing {', '.join(missing)}; re-download the checkpoint")
+
+
+# ---------------------------------------------------------------- GPTQ checkpoints
+
+
+def _tensor_shape(path: Path, name: str) -> tuple[int, ...] | None:
+    """The shape of one stored tensor, read without loading the weights (safetensors header or meta)."""
+    for index, single in WEIGHT_FILES:
+        file = path / single
+        if (path / index).is_file():
+            file = path / json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].get(name, single)
+        if not file.is_file():
+            continue
+        if file.suffix == ".safetensors":
+            with open(file, "rb") as f:
+                header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+            return tuple(header[name]["shape"]) if name in header else None
+        import torch
+
+        tensor = torch.load(file, map_location="meta", weights_only=True, mmap=True).get(name)
+        return None if tensor is None else tuple(tensor.shape)
+    return None
+
+
+def gptq_bits(path: Path | None, config: dict[str, Any], name: str = "") -> int | None:
+    """The real bit width of a GPTQ-quantised checkpoint, or None if it is not quantised.
+
+    The released ``moss-moon-003-sft-plugin-int8`` config says ``wbits: 4``: the packed ``qweight`` rows
+    (``in_features * bits / 32``) tell the truth when the weights are at hand, the name otherwise.
+    """
+    if not config.get("wbits"):
+        return None
+    shape = _tensor_shape(path, "transformer.h.0.attn.qkv_proj.qweight") if path else None
+    if shape:
+        return shape[0] * 32 // int(config["n_embd"])
+    return 8 if "int8" in (name or (path.name if path else "")) else int(config["wbits"])
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def load_tokenizer(path: Path) -> tuple[Any, dict[str, int]]:
+    """The fast tokenizer of a checkpoint and the ids of the MOSS end tokens.
+
+    Raises:
+        MossCheckpointError: When an end token is missing or is not a single token.
+    """
+    from transformers import AutoTokenizer, GPT2TokenizerFast  # type: ignore[attr-defined]
+
+    tok_config = path / "tokenizer_config.json"
+    named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
+    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and (path / "vocab.json").is_file():
+        tokenizer = GPT2TokenizerFast.from_pretrained(path)  # reads MOSS's files; never its remote code
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    ids: dict[str, int] = {}
+    for token in END_TOKENS:
+        encoded = tokenizer.encode(token, add_special_tokens=False)
+        if len(encoded) != 1 or encoded[0] != tokenizer.convert_tokens_to_ids(token):
+            raise MossCheckpointError(
+                f"the tokenizer in {path} encodes {token!r} as {encoded}, not one added token: MOSS's "
+                "added_tokens.json / special tokens are missing"
+            )
+        ids[token] = encoded[0]
+    return tokenizer, ids
+
+
+# ---------------------------------------------------------------- writing: the one writer of checkpoint files
+
+
+def moss_config(
+    n_layer: int,
+    n_embd: int,
+    n_head: int,
+    rotary_dim: int,
+    vocab: int,
+    dtype: str,
+    wbits: int | None,
+    name: str = "moss-agent/tiny-moss",
+) -> dict[str, Any]:
+    """A ``config.json`` with the keys the release writes, for these sizes (bos / eos ids left to the caller)."""
+    config: dict[str, Any] = {
+        "_name_or_path": name,
+        "activation_function": "gelu_new",
+        "architectures": ["MossForCausalLM"],
+        "attn_pdrop": 0.0,
+        "auto_map": {
+            "AutoConfig": "configuration_moss.MossConfig",
+            "AutoModel": "modeling_moss.MossModel",
+            "AutoModelForCausalLM": "modeling_moss.MossForCausalLM",
+        },
+        "bos_token_id": None,  # filled from the tokenizer
+        "embd_pdrop": 0.0,
+        "eos_token_id": None,
+        "gradient_checkpointing": False,
+        "initializer_range": 0.02,
+        "layer_norm_epsilon": 1e-05,
+        "model_type": "moss",
+        "n_ctx": CONTEXT_WINDOW,
+        "n_embd": n_embd,
+        "n_head": n_head,
+        "n_inner": None,
+        "n_layer": n_layer,
+        "n_positions": CONTEXT_WINDOW,
+        "resid_pdrop": 0.0,
+        "rotary_dim": rotary_dim,
+        "scale_attn_weights": True,
+        "summary_activation": None,
+        "summary_first_dropout": 0.1,
+        "summary_proj_to_labels": True,
+        "summary_type": "cls_index",
+        "summary_use_proj": True,
+        "tie_word_embeddings": False,
+        "tokenizer_class": "GPT2Tokenizer",
+        "torch_dtype": dtype,
+        "transformers_version": "4.25.1",
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    if wbits:
+        config["wbits"] = wbits
+        config["groupsize"] = 128  # GPTQ groups of the released int4 / int8 checkpoints
+    return config
+
+
+# ---------------------------------------------------------------- caching
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write ``data`` as indented UTF-8 JSON with a final newline."""
+    path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+
+
+def _added_token(content: str) -> dict[str, Any]:
+    # The release writes its special tokens in this serialised AddedToken form.
+    return {
+        "__type": "AddedToken",
+        "content": content,
+        "lstrip": False,
+        "normalized": True,
+        "rstrip": False,
+        "single_word": False,
+    }
+
+
+def write_moss_tokenizer(
+    out: Path,
+    vocab: dict[str, int],
+    merges: Sequence[str],
+    added: Sequence[str],
+    *,
+    name: str,
+    n_positions: int = CONTEXT_WINDOW,
+) -> None:
+    """Write the five MOSS tokenizer files (released layout) of a byte-level BPE into ``out``.
+
+    ``<|endoftext|>`` is appended as the last entry of ``vocab.json`` (bos and unk, as GPT-2's and MOSS's) and
+    the ``added`` tokens get the ids after it, in order, listed in ``added_tokens.json``; ``<eom>`` is eos.
+
+    Args:
+        out: The checkpoint directory.
+        vocab: BPE token -> id, ids from 0 without gaps.
+        merges: The BPE merges, ``"a b"`` each.
+        added: Added tokens (the MOSS end tokens first).
+        name: ``name_or_path`` written into ``tokenizer_config.json``.
+        n_positions: ``model_max_length``.
+    """
+    vocab = {**dict(sorted(vocab.items(), key=lambda kv: kv[1])), ENDOFTEXT: len(vocab)}
+    special = {"bos_token": ENDOFTEXT, "eos_token": EOM, "unk_token": ENDOFTEXT}
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "auto_map": {"AutoTokenizer": ["tokenization_moss.MossTokenizer", None]},
+        **{k: _added_token(v) for k, v in special.items()},
+        "errors": "replace",
+        "model_max_length": n_positions,
+        "name_or_path": name,
+        "special_tokens_map_file": None,
+        "tokenizer_class": "MossTokenizer",
+    }
+    write_json(out / "vocab.json", vocab)
+    (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    write_json(out / "added_tokens.json", {t: len(vocab) + i for i, t in enumerate(added)})
+    write_json(out / "special_tokens_map.json", special)
+    write_json(out / "tokenizer_config.json", config)
+
+
+def _save_shard(file: Path, tensors: dict[str, Any]) -> None:
+    if file.suffix == ".bin":
+        import torch
+
+        torch.save(tensors, file)
+    else:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+class ShardWriter:
+    """Writes weight shards one at a time and then their index, in the released naming.
+
+    ``pytorch_model-0000N-of-0000M.bin`` (or ``model-...safetensors``) with ``pytorch_model.bin.index.json``;
+    one shard is written as ``pytorch_model.bin`` / ``model.safetensors`` with no index. Tensors are collected
+    until ``limit`` bytes, or grouped explicitly with :meth:`write_group`; only one shard is held in memory.
+
+    Args:
+        out: The checkpoint directory.
+        weights: ``bin`` (torch pickles of tensors, as the release) or ``safetensors``.
+        limit: Bytes per shard for :meth:`add` (None: only explicit groups).
+    """
+
+    def __init__(self, out: Path, weights: WeightsFormat = "safetensors", limit: int | None = None) -> None:
+        self.out, self.limit = out, limit
+        self.stem, self.ext = ("pytorch_model", "bin") if weights == "bin" else ("model", "safetensors")
+        self.pending: dict[str, Any] = {}
+        self.pending_bytes = 0
+        self.files: list[tuple[Path, list[str]]] = []
+        self.total_bytes = self.parameters = 0
+
+    def add(self, name: str, tensor: Any) -> None:
+        """Add one tensor, writing the pending shard first when the tensor would take it over ``limit``."""
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.limit is not None and self.pending_bytes + size > self.limit:
+            self.flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+        self.parameters += tensor.numel()
+
+    def write_group(self, tensors: dict[str, Any]) -> None:
+        """Write ``tensors`` as one shard of their own."""
+        self.flush()
+        for name, tensor in tensors.items():
+            self.add(name, tensor)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the pending tensors as a shard."""
+        if not self.pending:
+            return
+        file = self.out / f".part-{len(self.files) + 1:05d}.{self.ext}"
+        _save_shard(file, self.pending)
+        self.files.append((file, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def finish(self) -> int:
+        """Give the shards their final names and write the index; returns the number of shards."""
+        self.flush()
+        count = len(self.files)
+        if count == 1:
+            self.files[0][0].rename(self.out / f"{self.stem}.{self.ext}")
+            return 1
+        weight_map: dict[str, str] = {}
+        for n, (file, names) in enumerate(self.files, 1):
+            final = f"{self.stem}-{n:05d}-of-{count:05d}.{self.ext}"
+            file.rename(self.out / final)
+            weight_map.update(dict.fromkeys(names, final))
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        write_json(self.out / f"{self.stem}.{self.ext}.index.json", index)
+        return count
+
+
+def write_weights(out: Path, state_dict: dict[str, Any], shards: int, weights: WeightsFormat = "bin") -> None:
+    """Write ``state_dict`` as ``shards`` files of about equal size, in order, with their index."""
+    sizes = {k: v.numel() * v.element_size() for k, v in state_dict.items()}
+    total = max(sum(sizes.values()), 1)
+    groups: list[dict[str, Any]] = [{} for _ in range(shards)]
+    seen = 0
+    for name, tensor in state_dict.items():
+        groups[min(shards - 1, seen * shards // total)][name] = tensor
+        seen += sizes[name]
+    writer = ShardWriter(out, weights)
+    for group in groups:
+        writer.write_group(group)
+    writer.finish()

@@ -1,0 +1,62 @@
+"""``moss-agent convert``: a MOSS checkpoint as a standard GPT-J / CodeGen checkpoint for serving engines."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from moss_agent.settings import DTYPES
+
+__all__ = ["add_convert_parser", "add_parser"]
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from moss_agent.checkpoints.convert import convert
+
+    report = convert(
+        args.src,
+        args.dst,
+        format=args.format,
+        dtype=args.dtype,
+        max_shard_size=int(args.max_shard_size * 1024**3),
+        overwrite=args.overwrite,
+        verify=args.verify,
+    )
+    print(
+        f"wrote {report.path}: {report.format}, {report.dtype}, {report.parameters:,} parameters in "
+        f"{report.shards} shard(s), {report.total_bytes / 1024**3:.2f} GiB, {report.seconds:.1f} s"
+    )
+    if report.max_abs_diff is not None:
+        print(
+            f"verified: largest logit difference {report.max_abs_diff:.3g}, "
+            f"top token agrees at {report.argmax_agreement:.0%} of probe positions"
+        )
+    return 0
+
+
+def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``convert SRC DST --format gptj|codegen [--dtype ...] [--verify]`` to ``moss-agent``'s subcommands.
+
+    Args:
+        subparsers: The object ``ArgumentParser.add_subparsers()`` returned.
+
+    Returns:
+        The new subparser (its ``func`` default runs the conversion and returns the exit code).
+    """
+    p = subparsers.add_parser(
+        "convert",
+        help="write a MOSS checkpoint as a standard GPT-J / CodeGen checkpoint (safetensors, fast tokenizer)",
+        description="Convert a MOSS checkpoint for serving engines (vLLM: --format gptj) with no remote code.",
+    )
+    p.add_argument("src", help="MOSS checkpoint directory or hub id")
+    p.add_argument("dst", help="directory to write")
+    p.add_argument("--format", default="gptj", choices=["gptj", "codegen"], help="target architecture (gptj)")
+    p.add_argument("--dtype", choices=list(DTYPES), help="floating-point dtype to write (default: the source's)")
+    p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard (bounds memory)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--verify", action="store_true", help="compare logits with the source on a probe afterwards")
+    p.set_defaults(func=_cmd_convert)
+    return p
+
+
+add_parser = add_convert_parser
