@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from moss_agent.checkpoints.spec import MossCheckpointError
+from moss_agent.checkpoints.spec import MossCheckpointError, declared_wbits
 from moss_agent.protocol.format import END_TOKENS, EOM
 from moss_agent.settings import CONTEXT_WINDOW
 
@@ -42,6 +42,8 @@ WEIGHT_FILES = (
 )
 """(index, single file) of each weight layout, safetensors first."""
 WeightsFormat = Literal["bin", "safetensors"]
+RELEASE_CONFIG_FILE = Path(__file__).with_name("release_config.json")
+"""``MossConfig().to_dict()`` as the release saves it (see ``scripts/release_config.py``)."""
 
 
 def _offline() -> bool:
@@ -142,29 +144,38 @@ def gptq_bits(path: Path | None, config: dict[str, Any], name: str = "") -> int 
     The released ``moss-moon-003-sft-plugin-int8`` config says ``wbits: 4``: the packed ``qweight`` rows
     (``in_features * bits / 32``) tell the truth when the weights are at hand, the name otherwise.
     """
-    if not config.get("wbits"):
+    declared = declared_wbits(config)
+    if declared is None:
         return None
     shape = _tensor_shape(path, "transformer.h.0.attn.qkv_proj.qweight") if path else None
     if shape:
         return shape[0] * 32 // int(config["n_embd"])
-    return 8 if "int8" in (name or (path.name if path else "")) else int(config["wbits"])
+    return 8 if "int8" in (name or (path.name if path else "")) else declared
 
 
 # ---------------------------------------------------------------- tokenizer
 
 
-def load_tokenizer(path: Path) -> tuple[Any, dict[str, int]]:
+def load_tokenizer(path: Path, tokenization: str = "release") -> tuple[Any, dict[str, int]]:
     """The fast tokenizer of a checkpoint and the ids of the MOSS end tokens.
+
+    MOSS's files (vocab.json, merges.txt, added tokens) give a
+    :class:`~moss_agent.checkpoints.tokenization.MossTokenizerFast`: the release's ids with ``tokenization``
+    ``release`` (the default), plain BPE with ``plain``. Other tokenizers load as they are.
 
     Raises:
         MossCheckpointError: When an end token is missing or is not a single token.
+        ValueError: For an unknown ``tokenization``.
     """
-    from transformers import AutoTokenizer, GPT2TokenizerFast  # type: ignore[attr-defined]
+    from transformers import AutoTokenizer
+
+    from moss_agent.checkpoints.tokenization import MossTokenizerFast
 
     tok_config = path / "tokenizer_config.json"
     named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
     if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and (path / "vocab.json").is_file():
-        tokenizer = GPT2TokenizerFast.from_pretrained(path)  # reads MOSS's files; never its remote code
+        # Reads MOSS's files; never its remote code.
+        tokenizer: Any = MossTokenizerFast.from_pretrained(path, tokenization=tokenization)  # type: ignore[arg-type]
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
     ids: dict[str, int] = {}
@@ -192,48 +203,29 @@ def moss_config(
     wbits: int | None,
     name: str = "moss-agent/tiny-moss",
 ) -> dict[str, Any]:
-    """A ``config.json`` with the keys the release writes, for these sizes (bos / eos ids left to the caller)."""
-    config: dict[str, Any] = {
-        "_name_or_path": name,
-        "activation_function": "gelu_new",
-        "architectures": ["MossForCausalLM"],
-        "attn_pdrop": 0.0,
-        "auto_map": {
-            "AutoConfig": "configuration_moss.MossConfig",
-            "AutoModel": "modeling_moss.MossModel",
-            "AutoModelForCausalLM": "modeling_moss.MossForCausalLM",
-        },
-        "bos_token_id": None,  # filled from the tokenizer
-        "embd_pdrop": 0.0,
-        "eos_token_id": None,
-        "gradient_checkpointing": False,
-        "initializer_range": 0.02,
-        "layer_norm_epsilon": 1e-05,
-        "model_type": "moss",
-        "n_ctx": CONTEXT_WINDOW,
-        "n_embd": n_embd,
-        "n_head": n_head,
-        "n_inner": None,
-        "n_layer": n_layer,
-        "n_positions": CONTEXT_WINDOW,
-        "resid_pdrop": 0.0,
-        "rotary_dim": rotary_dim,
-        "scale_attn_weights": True,
-        "summary_activation": None,
-        "summary_first_dropout": 0.1,
-        "summary_proj_to_labels": True,
-        "summary_type": "cls_index",
-        "summary_use_proj": True,
-        "tie_word_embeddings": False,
-        "tokenizer_class": "GPT2Tokenizer",
-        "torch_dtype": dtype,
-        "transformers_version": "4.25.1",
-        "use_cache": True,
-        "vocab_size": vocab,
-    }
-    if wbits:
-        config["wbits"] = wbits
-        config["groupsize"] = 128  # GPTQ groups of the released int4 / int8 checkpoints
+    """The ``config.json`` the release writes, for these sizes (bos / eos ids left to the caller).
+
+    Every key of ``MossConfig(...).to_dict()`` from the release's ``configuration_moss.py`` under its pinned
+    transformers 4.25.1 (:data:`RELEASE_CONFIG_FILE`, 81 keys: the class's own defaults such as ``wbits: 32``
+    and ``groupsize: 128``, the keys every ``PretrainedConfig`` saves, and those the released files carry from
+    CodeGen), with the sizes, dtype and name replaced. ``wbits`` None writes 32, the release's "not quantised".
+    """
+    config: dict[str, Any] = json.loads(RELEASE_CONFIG_FILE.read_text(encoding="utf-8"))
+    config.update(
+        _name_or_path=name,
+        n_layer=n_layer,
+        n_embd=n_embd,
+        n_head=n_head,
+        rotary_dim=rotary_dim,
+        vocab_size=vocab,
+        n_ctx=CONTEXT_WINDOW,
+        n_positions=CONTEXT_WINDOW,
+        torch_dtype=dtype,
+        wbits=wbits or 32,
+        groupsize=128,
+        bos_token_id=None,  # filled from the tokenizer
+        eos_token_id=None,
+    )
     return config
 
 

@@ -47,9 +47,13 @@ __all__ = [
     "resolve_checkpoint",
 ]
 
-_NOT_CODEGEN_KEYS = frozenset(
-    "model_type auto_map architectures _name_or_path transformers_version torch_dtype wbits groupsize".split()
-)
+_CODEGEN_KEYS = (
+    "vocab_size n_positions n_ctx n_embd n_layer n_head rotary_dim n_inner activation_function resid_pdrop "
+    "embd_pdrop attn_pdrop layer_norm_epsilon initializer_range use_cache bos_token_id eos_token_id "
+    "tie_word_embeddings"
+).split()
+"""The keys of a MOSS config that CodeGen reads; the rest (``wbits``, ``auto_map``, the generation defaults every
+4.25.1 config saves, ...) stays out of the model config."""
 
 
 @dataclass
@@ -85,7 +89,7 @@ def _hf_config(path: Path, config: dict[str, Any]) -> tuple[Any, Any]:
         return GPTJConfig.from_pretrained(path), GPTJForCausalLM
     if config["model_type"] == "codegen":
         return CodeGenConfig.from_pretrained(path), CodeGenForCausalLM
-    kept = {k: v for k, v in config.items() if k not in _NOT_CODEGEN_KEYS}
+    kept = {k: config[k] for k in _CODEGEN_KEYS if k in config}
     return CodeGenConfig(**kept, architectures=["CodeGenForCausalLM"]), CodeGenForCausalLM
 
 
@@ -154,6 +158,7 @@ def load_moss(
     context: int = REFERENCE_CONTEXT,
     turn_tokens: int = TURN_TOKENS,
     batch: int = 1,
+    tokenization: str = "release",
 ) -> LoadedMoss:
     """Load a MOSS (or CodeGen / GPT-J) checkpoint for generation, planned for the hardware first.
 
@@ -170,6 +175,9 @@ def load_moss(
         context: Tokens of the full context the plan checks.
         turn_tokens: Tokens of one turn the plan must fit.
         batch: Sequences generated together.
+        tokenization: ``release`` (the default): the tokenizer gives the ids of the release's own tokenizer
+            (whitespace next to added tokens stripped, see :mod:`moss_agent.checkpoints.tokenization`);
+            ``plain``: plain BPE around the added tokens.
 
     Returns:
         The model, tokenizer, plan and end-token ids.
@@ -199,7 +207,7 @@ def load_moss(
     if not local:
         path = resolve_checkpoint(model, weights=True)
         check_files(path)
-    tokenizer, end_ids = load_tokenizer(path)
+    tokenizer, end_ids = load_tokenizer(path, tokenization)
 
     import torch
 

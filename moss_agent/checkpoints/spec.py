@@ -19,6 +19,7 @@ __all__ = [
     "ModelSpec",
     "MossCheckpointError",
     "UnsupportedCheckpointError",
+    "declared_wbits",
 ]
 
 GiB = 1024**3
@@ -40,6 +41,26 @@ class InsufficientMemoryError(MemoryError):
     """The model does not fit this hardware as requested; the message names the numbers and the options."""
 
 
+NOT_QUANTIZED_WBITS = 32
+"""``wbits`` of the release's configs that are not quantised: its config class writes 32 into every config."""
+
+
+def declared_wbits(config: Mapping[str, Any], name: str = "config.json") -> int | None:
+    """The GPTQ bits a config declares: None for ``wbits`` 32 (the release's "not quantised") or absent.
+
+    Only a hint: the tensors tell the real width (the plugin-int8 release declares 4 over 8-bit tensors).
+
+    Raises:
+        MossCheckpointError: When ``wbits`` is not an integer.
+    """
+    wbits = config.get("wbits")
+    if wbits is None:
+        return None
+    if isinstance(wbits, bool) or not isinstance(wbits, int) or wbits < 1:
+        raise MossCheckpointError(f"{name}: wbits must be a positive integer (32: not quantised), got {wbits!r}")
+    return None if wbits >= 16 else wbits
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """The sizes of a CodeGen-architecture checkpoint, read from its config.
@@ -53,7 +74,7 @@ class ModelSpec:
         n_inner: MLP width.
         vocab_size: Embedding rows.
         n_positions: Context window.
-        wbits: GPTQ bits when the checkpoint is pre-quantised (as its config says).
+        wbits: GPTQ bits when the checkpoint is pre-quantised (None when not; the tensors' width once known).
     """
 
     name: str
@@ -86,7 +107,7 @@ class ModelSpec:
             n_inner=int(config.get("n_inner") or 4 * d),
             vocab_size=int(config["vocab_size"]),
             n_positions=int(config.get("n_positions") or REFERENCE_CONTEXT),
-            wbits=config.get("wbits"),
+            wbits=declared_wbits(config, name or "config.json"),
         )
 
     @property

@@ -50,7 +50,7 @@ __all__ = [
     "tiny_moss_tokenizer_dir",
 ]
 
-CHECKPOINT_VERSION = "2"
+CHECKPOINT_VERSION = "3"
 """Bumped whenever the layout or the corpus changes, so that stale cached checkpoints are not reused."""
 
 MOSS_ADDED_TOKENS: tuple[str, ...] = fmt.END_TOKENS

@@ -21,6 +21,9 @@ def _tensors(path: Path) -> dict:
     return out
 
 
+RELEASE = Path(__file__).resolve().parents[2].parent / "shared" / "moss_release"
+
+
 @pytest.fixture(scope="module")
 def tiny() -> Path:
     return ck.tiny_moss_checkpoint()
@@ -36,8 +39,31 @@ def test_config_has_the_released_keys(tiny: Path) -> None:
     assert config["activation_function"] == "gelu_new"
     assert config["torch_dtype"] == "float16"
     assert config["tie_word_embeddings"] is False
-    assert "wbits" not in config and "groupsize" not in config
+    assert (config["wbits"], config["groupsize"]) == (32, 128)  # the release's "not quantised"
+    assert config["transformers_version"] == "4.25.1"
     assert config["vocab_size"] % 64 == 0
+
+
+def _reference_defaults() -> dict[str, object]:
+    """``MossConfig.__init__``'s keyword defaults, read from the release's source (not run)."""
+    import ast
+
+    tree = ast.parse((RELEASE / "configuration_moss.py").read_text(encoding="utf-8"))
+    init = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    args = init.args.args[-len(init.args.defaults) :]
+    return {a.arg: ast.literal_eval(d) for a, d in zip(args, init.args.defaults, strict=True)}
+
+
+@pytest.mark.skipif(not (RELEASE / "configuration_moss.py").is_file(), reason="../shared/moss_release is absent")
+def test_config_carries_every_default_of_the_reference_class(tiny: Path) -> None:
+    config = json.loads((tiny / "config.json").read_text())
+    defaults = _reference_defaults()
+    sizes = {"vocab_size", "n_embd", "n_layer", "n_head", "rotary_dim", "bos_token_id", "eos_token_id"}
+    assert set(defaults) <= set(config)
+    assert {k: v for k, v in defaults.items() if k not in sizes} == {k: config[k] for k in defaults if k not in sizes}
+    # and every key PretrainedConfig.to_dict() adds under transformers 4.25.1
+    assert {"return_dict", "id2label", "num_beams", "max_length", "torchscript", "tokenizer_class"} <= set(config)
+    assert len(config) == 81
 
 
 def test_index_maps_every_tensor_to_its_shard(tiny: Path) -> None:

@@ -182,6 +182,18 @@ def test_gptq_hub_ids_are_refused_with_the_alternative(name: str, fp16: str, bit
     assert ("config says wbits 4" in message) == name.endswith("plugin-int8")  # the release's wrong config
 
 
+@pytest.mark.parametrize("wbits", [32, None])
+def test_the_release_s_wbits_32_means_not_quantised(wbits: int | None) -> None:
+    config = {**MOSS_16B_CONFIG, "wbits": wbits, "groupsize": 128}  # as the release's config class saves it
+    assert ModelSpec.from_config(config).wbits is None
+    assert plan_load(config, hw(80)).spec.wbits is None
+
+
+def test_a_wbits_that_is_not_a_number_is_named() -> None:
+    with pytest.raises(MossCheckpointError, match="wbits must be a positive integer"):
+        ModelSpec.from_config({**MOSS_16B_CONFIG, "wbits": "4bit"})
+
+
 def test_non_codegen_config_is_refused() -> None:
     with pytest.raises(MossCheckpointError, match="'llama'"):
         plan_load({**MOSS_16B_CONFIG, "model_type": "llama"}, hw(80))
