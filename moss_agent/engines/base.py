@@ -11,6 +11,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
+from langchain_core.exceptions import ContextOverflowError
+
 from moss_agent import settings
 
 __all__ = [
@@ -131,8 +133,8 @@ class Engine(Protocol):
         ...
 
 
-class ContextWindowExceededError(ValueError):
-    """The prompt plus ``max_new_tokens`` do not fit the model's context window."""
+class ContextWindowExceededError(ContextOverflowError, ValueError):
+    """The prompt plus ``max_new_tokens`` do not fit the model's context window (LangChain's ContextOverflowError)."""
 
     def __init__(self, prompt_tokens: int, max_new_tokens: int, context_window: int) -> None:
         self.prompt_tokens = prompt_tokens
@@ -141,8 +143,8 @@ class ContextWindowExceededError(ValueError):
         super().__init__(
             f"the prompt of {prompt_tokens} tokens plus max_new_tokens={max_new_tokens} is "
             f"{prompt_tokens + max_new_tokens} tokens, over the context window of {context_window}: "
-            "shorten the prompt (fewer turns of history), lower max_new_tokens, or pass "
-            "SamplingParams(truncate='left') to drop the oldest prompt tokens"
+            "shorten the prompt (fewer turns of history), lower max_new_tokens, or set truncate='left' on "
+            "ChatMoss, MossLLM or MossAgent to drop the oldest whole turns"
         )
 
 

@@ -7,7 +7,10 @@ engine reads the MOSS prompt it is given and writes, by where the prompt ends:
 * ``<|Inner Thoughts|>:`` (plugin pass 1): when the question asks for an enabled command (it names the
   command, a word of its switch label, or, with one command enabled, "tool"), a thought and that command with
   arguments taken from the question; otherwise ``None`` thoughts and commands.
-* ``<|Commands|>: Name("`` (a forced command, prefilled by ChatMoss): the arguments and ``")<eoc>``.
+* ``<|Commands|>: Name("`` (a forced command, prefilled by ChatMoss): the arguments and ``")<eoc>``; after
+  results in the turn, the arguments come from the results.
+* ``<eor>\n<|Inner Thoughts|>:`` (another tool round of the turn): as pass 1, among the commands the turn has
+  not run yet, so "search ... then calculate ..." runs Search, then Calculate.
 * ``<|MOSS|>:``: when the turn has results, a reply that states them; otherwise a short reply that repeats
   the question.
 
@@ -45,6 +48,7 @@ _RESULTS = re.compile(r"<\|Results\|>:(.*?)<eor>", re.DOTALL)
 _RESULT_HEAD = re.compile(r'^\w+\(".*?"\) =>\s?', re.MULTILINE)
 _QUOTED = re.compile(r"'([^']+)'|\"([^\"]+)\"|「([^」]+)」")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_EXPRESSION = re.compile(r"[\d.(]+(?:\s*[-+*/^]\s*[\d.()]+)+")
 _PHRASE = re.compile(r"\b(?:in|about|for|named)\s+([^?.!]+)")
 _INNER_CAPITAL = re.compile(r"(?<=[a-z,;] )([A-Z][a-z]+)")
 
@@ -73,9 +77,11 @@ def _commands(prompt: str) -> list[_Command]:
     ]
 
 
-def _wanted(commands: Sequence[_Command], question: str) -> _Command | None:
-    """The command the question asks for, if any."""
+def _wanted(commands: Sequence[_Command], question: str, turn: str = "") -> _Command | None:
+    """The command the question asks for, if any, among those the turn so far has not run."""
     lowered = question.lower()
+    ran = set(re.findall(r"(\w+)\(", "".join(re.findall(r"<\|Commands\|>:(.*?)<eoc>", turn))))
+    commands = [c for c in commands if c.api not in ran]
     for command in commands:
         words = [w for w in re.split(r"[\W_]+", command.label.lower()) if len(w) > 3 and w != "tool"]
         hints = _HINTS.get(command.api, ())
@@ -88,7 +94,12 @@ def _string_value(command: _Command, question: str) -> str:
     literal = re.search(rf"\b{re.escape(command.api)}\((.*?)\)", question)
     if literal:
         return literal.group(1).strip().strip("'\"")
-    for pattern in (_QUOTED, _NUMBER, _PHRASE, _INNER_CAPITAL):
+    math = command.api == "Calculate"
+    for pattern in (_EXPRESSION, _QUOTED) if math else (_QUOTED,):
+        found = pattern.search(question)
+        if found:
+            return next(g for g in (found.groups() or (found.group(0),)) if g).strip()
+    for pattern in (_NUMBER, _PHRASE, _INNER_CAPITAL):
         found = pattern.search(question)
         if found:
             return next(g for g in (found.groups() or (found.group(0),)) if g).strip()
@@ -141,17 +152,19 @@ class RuleBasedEngine(ScriptedEngine):
         question = fmt.scrub(humans[-1]) if humans else ""
         commands = _commands(prompt)
         forced = _FORCED.search(prompt)
+        turn = prompt[prompt.rfind(fmt.HUMAN) :]
         if forced:
             command = next((c for c in commands if c.api == forced.group(1)), _Command("", forced.group(1), ()))
-            return f'{_quote(_argument(command, question))}"){fmt.EOC}'
+            source = _results(turn[turn.rfind(fmt.RESULTS) :]) or question  # after results: answer from them
+            return f'{_quote(_argument(command, source))}"){fmt.EOC}'
         if prompt.endswith(f"{fmt.THOUGHTS}:"):
-            wanted = _wanted(commands, question)
+            wanted = _wanted(commands, question, turn)
             if wanted is None:
                 return f" None{fmt.EOT}\n{fmt.COMMANDS}: None{fmt.EOC}"
             thought = f"The user asks for {wanted.label.lower()}, I use {wanted.api}."
             written = f'{wanted.api}("{_quote(_argument(wanted, question))}")'
             return f" {thought}{fmt.EOT}\n{fmt.COMMANDS}: {written}{fmt.EOC}"
-        results = _results(prompt[prompt.rfind(fmt.HUMAN) :])
+        results = _results(turn)
         if results is not None:
             return f" The result is: {results}{fmt.EOM}"
         return f' Hello! You said "{question}". How can I help you?{fmt.EOM}'
