@@ -35,8 +35,9 @@ from langchain_core.runnables.utils import ConfigurableFieldSpec
 from pydantic import ConfigDict, Field, PrivateAttr
 
 from moss_agent.chat_model import ChatMoss
-from moss_agent.messages import VERBATIM, message_text, stored_messages, system_text
+from moss_agent.messages import VERBATIM, message_text, stored_messages
 from moss_agent.protocol import format as fmt
+from moss_agent.rendering import system_text
 
 __all__ = ["MossConversationChain", "input_text"]
 

@@ -169,11 +169,11 @@ class MossRetrievalChain(RunnableSerializable[dict[str, Any] | str, dict[str, An
             AIMessage("", tool_calls=[call], additional_kwargs={REASONING: thoughts}),
             ToolMessage(self._hit_lines(documents), tool_call_id=call["id"], name=call["name"]),
         ]
-        reply = self.chat.bind_tools([SEARCH_TOOL]).invoke(messages, config=child)
+        reply = self.chat.bind_tools([SEARCH_TOOL], max_tool_rounds=1).invoke(messages, config=child)
         return reply, documents
 
     def _answer_auto(self, question: str, child: RunnableConfig) -> tuple[AIMessage, list[Document]]:
-        chat = self.chat.bind_tools([SEARCH_TOOL])
+        chat = self.chat.bind_tools([SEARCH_TOOL], max_tool_rounds=1)  # one search round, then the reply
         head = self._head(question)
         first = chat.invoke(head, config=child)
         if not first.tool_calls:

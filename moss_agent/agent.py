@@ -14,15 +14,16 @@ cache serves it.
 from __future__ import annotations
 
 import concurrent.futures
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, ToolMessage
 from langchain_core.runnables import RunnableConfig, RunnableSerializable, ensure_config
-from langchain_core.runnables.config import get_callback_manager_for_config, patch_config, run_in_executor
+from langchain_core.runnables.config import get_callback_manager_for_config as callback_manager_for
+from langchain_core.runnables.config import get_config_list, patch_config, run_in_executor
 from langchain_core.tools import BaseTool
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, PrivateAttr
 
 from moss_agent.chat_model import ChatMoss
 from moss_agent.engines.base import Engine
@@ -34,12 +35,13 @@ from moss_agent.messages import (
     message_text,
     results_from_outputs,
     stored_messages,
-    system_text,
 )
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol import parser
 from moss_agent.protocol import plugins as _plugins
 from moss_agent.protocol.format import Command
+from moss_agent.rendering import system_text
+from moss_agent.sessions import AgentInput, Session, Sessions, parse_input, session_id
 from moss_agent.tool_binding import BoundTool, bind_tools, command_for_tool_call, to_tool_call
 
 __all__ = ["AgentEvent", "CommandRun", "MossAgent", "TurnResult"]
@@ -134,7 +136,10 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
             agent = MossAgent("fnlp/moss-moon-003-sft-plugin", tools=[SearchTool(), CalculatorTool()])
             agent.invoke({"input": "What is 2^10?"})["output"]
 
-    One agent holds one conversation: run its turns one after the other (``batch`` would mix them).
+    Inputs: a string, ``{"input": ...}``, a HumanMessage, a list of messages, a PromptValue or
+    ``{"messages": [...]}`` (see :mod:`moss_agent.sessions`). Without a session id the agent holds one
+    conversation; ``config={"configurable": {"session_id": "..."}}`` picks another (``memory_factory`` builds
+    its memory), and ``batch`` runs each session's inputs in order while different sessions run side by side.
     """
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -151,6 +156,12 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
     """Extra instructions for the meta instruction, or a whole MOSS system text."""
     history: list[fmt.MossTurn] = Field(default_factory=list)
     """Turns so far, when no memory is given."""
+    memory_factory: Callable[[str], Any] | None = None
+    """Builds the memory of a session id (e.g. a SQLite-backed one); sessions without it keep a plain list."""
+    truncate: Literal["error", "left"] | None = None
+    """Overrides the chat model's ``truncate``: ``left`` drops the oldest whole turns that do not fit."""
+
+    _sessions: Sessions | None = PrivateAttr(default=None)
 
     def __init__(self, model: ChatMoss | Engine | str | None = None, **kwargs: Any) -> None:
         """Build the agent on a ChatMoss, an engine, or a checkpoint path / hub id (loaded on first use)."""
@@ -165,23 +176,24 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
 
     # ------------------------------------------------------------------ state
 
-    def _turns(self) -> list[fmt.MossTurn]:
-        return list(self.memory.turns()) if self.memory is not None else list(self.history)
+    def session(self, session_id: str | None = None) -> Session:
+        """The conversation of ``session_id`` (the agent's own one for None)."""
+        if self._sessions is None:
+            self._sessions = Sessions(Session(self.memory, self.history), self.memory_factory)
+        return self._sessions.get(session_id)
 
-    def _remember(self, turn: fmt.MossTurn, artifacts: list[Any]) -> None:
-        if self.memory is not None:
-            self.memory.add_turn(turn, artifacts=artifacts or None)
-        else:
-            self.history.append(turn)
-
-    def _messages(self, human: str, bound: Sequence[BoundTool]) -> list[BaseMessage]:
+    def _messages(
+        self, human: str, bound: Sequence[BoundTool], session: Session, extra: str | None
+    ) -> list[BaseMessage]:
         """System text, the turns memory shows, and the new question, as ChatMoss messages."""
-        system = system_text(self.system, bound, style=self.chat.switch_style)
-        if self.memory is not None:
-            if self.memory.system != system:
-                self.memory.system = system  # counted by token budgets and saved with the session
-            self.memory.fit(fmt.segment(fmt.HUMAN, human) + fmt.THOUGHTS + ":")
-        messages = stored_messages(system, self._turns())
+        custom = "\n".join(t for t in (self.system, extra) if t) or None
+        system = system_text(custom, bound, style=self.chat.switch_style)
+        memory = session.memory
+        if memory is not None:
+            if memory.system != system:
+                memory.system = system  # counted by token budgets and saved with the session
+            memory.fit(fmt.segment(fmt.HUMAN, human) + fmt.THOUGHTS + ":")
+        messages = stored_messages(system, session.turns())
         messages.append(HumanMessage(human, additional_kwargs={VERBATIM: True}))  # scrubbed by _turn
         return messages
 
@@ -232,11 +244,14 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
 
     # ------------------------------------------------------------------ one turn
 
-    def _turn(self, human: str, config: RunnableConfig) -> Iterator[AgentEvent]:
-        human = fmt.scrub(human)
+    def _turn(self, request: AgentInput, session: Session, config: RunnableConfig) -> Iterator[AgentEvent]:
+        human = fmt.scrub(request.text)
         bound = bind_tools(self.tools)
-        messages = self._messages(human, bound)
-        chat = self.chat.bind_tools(self.tools) if self.tools else self.chat
+        session.seed(request.earlier)
+        messages = self._messages(human, bound, session, request.system)
+        # One tool round a turn, as the release ran it; the agent's truncate, if set, wins over the chat's.
+        options: dict[str, Any] = {"max_tool_rounds": 1, **({"truncate": self.truncate} if self.truncate else {})}
+        chat = self.chat.bind_tools(self.tools, **options) if self.tools else self.chat.bind(**options)
         # Pass 1. Without a command ChatMoss answers at once (pass 2 from its cached prefix): stream that reply.
         first = yield from _streamed(chat, messages, config, with_thoughts=True)
         thoughts = first.additional_kwargs.get(REASONING) or fmt.NONE
@@ -264,12 +279,12 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
             reply = message_text(second)
             usage.append(second.usage_metadata)
         turn = fmt.MossTurn(human, reply, thoughts, commands, results)
-        self._remember(turn, [r.artifact for r in runs if r.artifact is not None])
+        session.remember(turn, [r.artifact for r in runs if r.artifact is not None])
         yield AgentEvent("turn", TurnResult(human, reply, thoughts, commands, results, runs, turn, _add_usage(*usage)))
 
     # ------------------------------------------------------------------ Runnable
 
-    def stream_events_of_turn(self, text: str, config: RunnableConfig | None = None) -> Iterator[AgentEvent]:
+    def stream_events_of_turn(self, text: Any, config: RunnableConfig | None = None) -> Iterator[AgentEvent]:
         """Run one turn, yielding typed :class:`AgentEvent` s: reply deltas, thoughts, commands, results, turn.
 
         A turn with commands yields thoughts, each command, each result, then the reply deltas; a turn without
@@ -277,21 +292,26 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         The turn is one chain run for callbacks, with the model passes and the tools as its children.
         """
         config = ensure_config(config)
-        manager = get_callback_manager_for_config(config).on_chain_start(
-            None, {"input": text}, name=config.get("run_name") or self.get_name(), run_id=config.pop("run_id", None)
+        request = parse_input(text)
+        manager = callback_manager_for(config).on_chain_start(
+            None,
+            {"input": request.text},
+            name=config.get("run_name") or self.get_name(),
+            run_id=config.pop("run_id", None),
         )
         result: TurnResult | None = None
         try:
-            for event in self._turn(text, patch_config(config, callbacks=manager.get_child())):
-                if event.type == "turn":
-                    result = event.data
-                yield event
+            with self.session(session_id(config)).turn() as session:
+                for event in self._turn(request, session, patch_config(config, callbacks=manager.get_child())):
+                    if event.type == "turn":
+                        result = event.data
+                    yield event
         except BaseException as err:
             manager.on_chain_error(err)
             raise
         manager.on_chain_end(result.to_dict() if result is not None else {})
 
-    def run_turn(self, text: str, config: RunnableConfig | None = None) -> TurnResult:
+    def run_turn(self, text: Any, config: RunnableConfig | None = None) -> TurnResult:
         """Run one turn and return it as a :class:`TurnResult`."""
         result: TurnResult | None = None
         for event in self.stream_events_of_turn(text, config):
@@ -300,17 +320,54 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         assert result is not None, "an agent turn always ends with its result"
         return result
 
-    def invoke(
-        self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
+    def invoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
         """Run one turn; returns the reply (``output``) with the turn's thoughts, commands, results, artifacts."""
-        return self.run_turn(_input_text(input), config).to_dict()
+        return self.run_turn(input, config).to_dict()
 
-    def stream(
-        self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> Iterator[dict[str, Any]]:
+    def batch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Run several turns: each session's inputs in their order, different sessions side by side."""
+        configs = get_config_list(config, len(inputs))
+        groups: dict[str | None, list[int]] = {}
+        for index, one in enumerate(configs):
+            groups.setdefault(session_id(one), []).append(index)
+        outputs: list[Any] = [None] * len(inputs)
+
+        def run(indices: list[int]) -> None:
+            for i in indices:
+                try:
+                    outputs[i] = self.invoke(inputs[i], configs[i])
+                except Exception as err:
+                    if not return_exceptions:
+                        raise
+                    outputs[i] = err
+
+        workers = min(len(groups), configs[0].get("max_concurrency") or len(groups)) if groups else 1
+        with concurrent.futures.ThreadPoolExecutor(max_workers=max(workers, 1)) as pool:
+            for future in [pool.submit(run, indices) for indices in groups.values()]:
+                future.result()
+        return outputs
+
+    async def abatch(
+        self,
+        inputs: list[Any],
+        config: RunnableConfig | list[RunnableConfig] | None = None,
+        *,
+        return_exceptions: bool = False,
+        **kwargs: Any,
+    ) -> list[Any]:
+        """Async :meth:`batch` (runs in an executor)."""
+        return await run_in_executor(None, self.batch, inputs, config, return_exceptions=return_exceptions)
+
+    def stream(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> Iterator[dict[str, Any]]:
         """Stream the turn as dicts ``{"type": ..., "data": ...}``; the last one has type ``turn``."""
-        for event in self.stream_events_of_turn(_input_text(input), config):
+        for event in self.stream_events_of_turn(input, config):
             data = event.data
             if isinstance(data, TurnResult):
                 data = data.to_dict()
@@ -318,14 +375,12 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
                 data = asdict(data)
             yield {"type": event.type, "data": data}
 
-    async def ainvoke(
-        self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
-    ) -> dict[str, Any]:
+    async def ainvoke(self, input: Any, config: RunnableConfig | None = None, **kwargs: Any) -> dict[str, Any]:
         """Async :meth:`invoke` (runs in an executor: generation is CPU/GPU bound)."""
         return await run_in_executor(config, self.invoke, input, config)
 
     async def astream(
-        self, input: dict[str, Any] | str, config: RunnableConfig | None = None, **kwargs: Any
+        self, input: Any, config: RunnableConfig | None = None, **kwargs: Any
     ) -> AsyncIterator[dict[str, Any]]:
         """Async :meth:`stream`: each step of the sync stream runs in an executor."""
         iterator = self.stream(input, config)
@@ -333,11 +388,12 @@ class MossAgent(RunnableSerializable[dict[str, Any] | str, dict[str, Any]]):
         while (item := await run_in_executor(config, next, iterator, done)) is not done:
             yield item  # type: ignore[misc]
 
-    def reset(self) -> None:
-        """Forget the conversation."""
-        if self.memory is not None:
-            self.memory.clear()
-        self.history.clear()
+    def reset(self, session_id: str | None = None) -> None:
+        """Forget the conversation (of ``session_id``; the agent's own one for None)."""
+        session = self.session(session_id)
+        if session.memory is not None:
+            session.memory.clear()
+        session.history.clear()
 
 
 def _streamed(
@@ -380,15 +436,6 @@ def _invalid_run(bad: Any, bound: Sequence[BoundTool]) -> CommandRun:
         error = unreadable[0].error
     error = error or "Not a command this agent can run."
     return CommandRun(str(command) if command else text, command, error=error, output=error)
-
-
-def _input_text(input: dict[str, Any] | str) -> str:
-    if isinstance(input, str):
-        return input
-    for key in ("input", "question", "query", "text"):
-        if key in input:
-            return str(input[key])
-    raise ValueError(f"MossAgent input needs an 'input' key; got keys {sorted(input)}")
 
 
 def _add_usage(*usages: Any) -> dict[str, Any]:

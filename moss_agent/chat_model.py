@@ -1,66 +1,41 @@
 """ChatMoss: MOSS as a LangChain chat model, with MOSS's plugin protocol as tool calling.
 
 A turn with tools bound runs MOSS's two passes: pass 1 writes inner thoughts and ``<|Commands|>`` (stopping at
-``<eoc>``); commands become ``tool_calls``. Once the caller sends the ``ToolMessage`` answers, pass 2 writes
-the reply after ``<|Results|>`` (stopping at ``<eom>``). When MOSS calls no tool, pass 2 follows at once, and
-the engine's prefix cache makes it cost only the new tokens.
+``<eoc>``); commands become ``tool_calls``. Once the caller sends the ``ToolMessage`` answers, MOSS may call
+tools again (up to ``max_tool_rounds`` rounds a turn) or writes the reply after ``<|Results|>`` (stopping at
+``<eom>``). When MOSS calls no tool, the reply follows at once, and the engine's prefix cache makes it cost
+only the new tokens. The passes themselves are in :mod:`moss_agent.chat_passes`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from langchain_core.callbacks import CallbackManagerForLLMRun
 from langchain_core.language_models import BaseChatModel, LanguageModelInput
 from langchain_core.language_models.base import LangSmithParams
+from langchain_core.language_models.model_profile import ModelProfile
 from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage
 from langchain_core.messages.ai import UsageMetadata
-from langchain_core.messages.tool import invalid_tool_call
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from langchain_core.runnables.config import run_in_executor
 
-from moss_agent.engines.base import Delta, Generation, SamplingParams, cut_at_stop
-from moss_agent.llm import EngineHolder, MossSettings
-from moss_agent.messages import RAW_COMMANDS, RAW_RESULTS, REASONING, PendingTurn, RenderedChat, render_messages
+from moss_agent import settings
+from moss_agent.chat_passes import Outcome, Passes, Run, prepare
+from moss_agent.engines.base import Delta, Engine, Generation, SamplingParams
+from moss_agent.faces import MossSettings
+from moss_agent.messages import RAW_COMMANDS, RAW_RESULTS, REASONING
 from moss_agent.protocol import format as fmt
-from moss_agent.protocol import stream as moss_stream
-from moss_agent.protocol.plugins import format_result_entry
-from moss_agent.settings import CALL_OPTIONS
-from moss_agent.tool_binding import BoundTool, ToolChoice, bind_tools, new_call_id, resolve_tool_choice, to_tool_call
+from moss_agent.tool_binding import bind_tools, resolve_tool_choice
 
-__all__ = ["ChatMoss", "EngineHolder", "MossSettings"]
+__all__ = ["PROVIDER", "ChatMoss", "MossSettings"]
 
-_Run = Callable[[str, SamplingParams], Iterator[Delta]]
-"""Runs one generation pass, yielding deltas (one whole delta when not streaming)."""
-
-
-@dataclass
-class _Piece:
-    """A piece of streamed text: reply content or inner thoughts."""
-
-    kind: Literal["reply", "thoughts"]
-    text: str
-
-
-@dataclass
-class _Outcome:
-    """The parsed result of a whole ChatMoss call."""
-
-    reply: str = ""
-    thoughts: str | None = None
-    commands: str | None = None
-    results: str | None = None
-    tool_calls: list[Any] = field(default_factory=list)
-    invalid: list[Any] = field(default_factory=list)
-    generations: list[Generation] = field(default_factory=list)
-
-
-_Steps = Generator[_Piece, None, _Outcome]
+PROVIDER = "moss"
+"""``response_metadata["model_provider"]`` and ``ls_provider`` of every MOSS face."""
 
 _Key = tuple[str, SamplingParams]
 _BATCHED: ContextVar[dict[_Key, list[Generation]] | None] = ContextVar("moss_batched", default=None)
@@ -68,7 +43,7 @@ _BATCHED: ContextVar[dict[_Key, list[Generation]] | None] = ContextVar("moss_bat
 
 
 class _Captured(Exception):  # a control-flow signal, not an error
-    """Stops ``_steps`` at its first engine call, carrying the prompt and parameters."""
+    """Stops the passes at their first engine call, carrying the prompt and parameters."""
 
     def __init__(self, key: _Key) -> None:
         self.key = key
@@ -100,6 +75,30 @@ class ChatMoss(MossSettings, BaseChatModel):
     """When every command MOSS writes is malformed or unknown (tool choice ``auto``): ``return`` the message
     with only ``invalid_tool_calls``; ``answer``: MOSS reads the errors as its results and replies in the same
     call, for agent loops that end on a message without valid tool calls (langchain's ``create_agent``)."""
+    max_tool_rounds: int = 3
+    """Tool rounds MOSS may run in one turn (1: reply right after the first results, as the release did);
+    also a per-call option. A forced ``tool_choice`` or a ``response_format`` still gets its call."""
+
+    def _resolve_model_profile(self) -> ModelProfile | None:
+        return ModelProfile(
+            name="MOSS (moss-moon-003)",
+            open_weights=True,
+            max_input_tokens=settings.CONTEXT_WINDOW,
+            max_output_tokens=settings.CONTEXT_WINDOW - 1,
+            text_inputs=True,
+            image_inputs=False,
+            audio_inputs=False,
+            pdf_inputs=False,
+            video_inputs=False,
+            text_outputs=True,
+            image_outputs=False,
+            tool_calling=True,
+            tool_choice=True,
+            tool_call_streaming=True,
+            structured_output=True,
+            reasoning_output=True,
+            temperature=True,
+        )
 
     @property
     def _llm_type(self) -> str:
@@ -143,123 +142,6 @@ class ChatMoss(MossSettings, BaseChatModel):
         resolve_tool_choice(tool_choice, bind_tools(formatted))  # validate now rather than on the first call
         return super().bind(tools=formatted, tool_choice=tool_choice, **kwargs)
 
-    # ------------------------------------------------------------------ the protocol
-
-    def _prepare(
-        self, messages: list[BaseMessage], kwargs: dict[str, Any]
-    ) -> tuple[RenderedChat, ToolChoice, list[BoundTool]]:
-        self._check_model(kwargs)
-        tools = bind_tools(kwargs.get("tools") or [])
-        choice = resolve_tool_choice(kwargs.get("tool_choice"), tools)
-        if choice == "none":
-            tools = []
-        rendered = render_messages(messages, tools, style=self.switch_style)
-        pending = rendered.pending
-        if pending is None:
-            raise ValueError(
-                "the last message is already MOSS's reply; end the messages with a HumanMessage or ToolMessage"
-            )
-        if pending.commands not in (None, fmt.NONE) and pending.results is None:
-            raise ValueError(
-                "the last AIMessage has tool calls that no ToolMessage answers; add one ToolMessage per tool call "
-                "(with its tool_call_id) before calling the model again"
-            )
-        return rendered, choice, tools
-
-    def _steps(self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any], run: _Run) -> _Steps:
-        """The passes of one call: yields text pieces as they come, returns the outcome."""
-        rendered, choice, tools = self._prepare(messages, kwargs)
-        options = {k: v for k, v in kwargs.items() if k in CALL_OPTIONS}
-        pending = rendered.pending
-        assert pending is not None
-        outcome = _Outcome()
-        if pending.results is not None:  # the tools have answered: pass 2
-            prompt = rendered.history + _pass2_prefix(pending) + fmt.MOSS + ":"
-            yield from self._reply(prompt, stop, options, run, outcome)
-            return outcome
-        if not tools:
-            prompt = fmt.chat_prompt(rendered.system, rendered.turns, pending.human)
-            yield from self._reply(prompt, stop, options, run, outcome)
-            return outcome
-
-        pass1 = fmt.plugin_pass1_prompt(rendered.system, rendered.turns, pending.human)
-        parsed = yield from self._pass1(pass1, "", options, run, outcome)
-        calls = [to_tool_call(c, tools) for c in parsed.commands]
-        target = _forced_target(choice, calls, tools)
-        if target is not None:  # a forced choice MOSS did not make: write the start of the command for it
-            opened = f' {parsed.inner_thoughts}{fmt.EOT}\n{fmt.COMMANDS}: {target.command}("'
-            parsed = yield from self._pass1(pass1 + opened, opened, options, run, outcome)
-            calls = [to_tool_call(c, tools) for c in parsed.commands]
-        outcome.thoughts = parsed.inner_thoughts
-        outcome.commands = parsed.raw_commands if parsed.invalid else parsed.commands_text
-        for call in calls:
-            (outcome.tool_calls if call["type"] == "tool_call" else outcome.invalid).append(call)
-        outcome.invalid.extend(
-            invalid_tool_call(name=None, args=bad.text, id=new_call_id(), error=bad.error) for bad in parsed.invalid
-        )
-        if outcome.tool_calls:
-            return outcome
-        if outcome.invalid and (self.invalid_commands == "return" or choice != "auto"):
-            return outcome
-        if outcome.invalid:  # nothing to run: MOSS reads the errors as its results and answers (as MossAgent does)
-            outcome.results = "\n" + "".join(
-                format_result_entry(str(c["args"]), str(c["error"]), "inline") for c in outcome.invalid
-            )
-            written = f" {parsed.inner_thoughts}{fmt.EOT}\n" + fmt.segment(fmt.COMMANDS, outcome.commands)
-            prompt = pass1 + written + fmt.segment(fmt.RESULTS, outcome.results) + fmt.MOSS + ":"
-            yield from self._reply(prompt, stop, options, run, outcome)
-            return outcome
-        if parsed.reply is not None:  # MOSS skipped the results and answered in pass 1
-            outcome.reply = _cut(parsed.reply, self._params(stop, ()).stop)
-            yield _Piece("reply", outcome.reply)
-            return outcome
-        # No command: MOSS answers straight away (results None), continuing from the cached prefix.
-        prompt = pass1 + parsed.repaired + fmt.segment(fmt.RESULTS, "\nNone\n") + fmt.MOSS + ":"
-        yield from self._reply(prompt, stop, options, run, outcome)
-        return outcome
-
-    def _pass1(
-        self, prompt: str, opened: str, options: dict[str, Any], run: _Run, outcome: _Outcome
-    ) -> Generator[_Piece, None, moss_stream.Pass1]:
-        """Generate pass 1 after ``prompt`` (whose prefilled tail ``opened`` belongs to pass 1's text).
-
-        Yields the inner thoughts as they come (not those of ``opened``, already sent); user stop strings do
-        not apply (they would cut the commands).
-        """
-        stream = moss_stream.StreamParser("pass1")
-        stream.feed(opened)
-        thoughts = _Thoughts()
-        final: Generation | None = None
-        for delta in run(prompt, self._params((), (fmt.EOC, fmt.EOM), options)):
-            for event in stream.feed(delta.text):
-                if event.kind == "thoughts" and not opened:
-                    yield from thoughts.feed(event.text)
-            final = delta.generation or final
-        assert final is not None, "the engine ended without a Generation"
-        for event in stream.finish(final.stop_reason):
-            if event.kind == "thoughts" and not opened:
-                yield from thoughts.feed(event.text)
-        yield from thoughts.finish()
-        outcome.generations.append(final)
-        assert stream.pass1 is not None
-        return stream.pass1
-
-    def _reply(
-        self, prompt: str, stop: list[str] | None, options: dict[str, Any], run: _Run, outcome: _Outcome
-    ) -> Iterator[_Piece]:
-        """Generate a reply, yielding its text as it comes (never part of an end token or role tag)."""
-        stream = moss_stream.StreamParser("reply")
-        final: Generation | None = None
-        for delta in run(prompt, self._params(stop, (fmt.EOM,), options)):
-            for event in stream.feed(delta.text):
-                yield _Piece("reply", event.text)
-            final = delta.generation or final
-        assert final is not None, "the engine ended without a Generation"
-        for event in stream.finish(final.stop_reason):
-            yield _Piece("reply", event.text)
-        outcome.generations.append(final)
-        outcome.reply = stream.reply.text if stream.reply else ""
-
     # ------------------------------------------------------------------ LangChain entry points
 
     def _generate(
@@ -277,14 +159,25 @@ class ChatMoss(MossSettings, BaseChatModel):
             generation = ready.pop() if ready else engine.generate(prompt, params)
             yield Delta(generation.text, generation)
 
-        steps = self._steps(messages, stop, kwargs, run)
+        steps = self._steps(messages, stop, kwargs, run, engine)
         while True:
             try:
                 next(steps)
             except StopIteration as done:
-                outcome: _Outcome = done.value
+                outcome: Outcome = done.value
                 break
         return ChatResult(generations=[ChatGeneration(message=self._message(outcome))])
+
+    def _steps(
+        self, messages: list[BaseMessage], stop: list[str] | None, kwargs: dict[str, Any], run: Run, engine: Engine
+    ) -> Iterator[Any]:
+        """The passes of one call (see :class:`~moss_agent.chat_passes.Passes`)."""
+        prepared = prepare(self, messages, kwargs)
+        options = {k: v for k, v in kwargs.items() if k in settings.CALL_OPTIONS}
+        truncate = kwargs.get("truncate", self.truncate)
+        count = engine.count_tokens if truncate == "left" else None
+        window = int(getattr(engine, "context_window", settings.CONTEXT_WINDOW))
+        return Passes(self, run, stop, options, count, window).steps(prepared)
 
     def _stream(
         self,
@@ -294,7 +187,7 @@ class ChatMoss(MossSettings, BaseChatModel):
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
         engine = self.get_engine()
-        steps = self._steps(messages, stop, kwargs, engine.stream)
+        steps = self._steps(messages, stop, kwargs, engine.stream, engine)
         while True:
             try:
                 piece = next(steps)
@@ -365,14 +258,16 @@ class ChatMoss(MossSettings, BaseChatModel):
         def capture(prompt: str, params: SamplingParams) -> Iterator[Delta]:
             raise _Captured((prompt, params))
 
+        engine = self.get_engine()
         plan = []
         for value in inputs:
             try:
                 messages = self._convert_input(value).to_messages()
-                rendered, _, tools = self._prepare(messages, rest)
-                if tools and rendered.pending is not None and rendered.pending.results is None:
-                    return None  # pass 1 decides what follows
-                next(self._steps(messages, stop, rest, capture))
+                prepared = prepare(self, messages, rest)
+                pending = prepared.rendered.pending
+                if prepared.tools and pending is not None and (pending.results is None or prepared.decides_again):
+                    return None  # a pass 1 decides what follows
+                next(self._steps(messages, stop, rest, capture, engine))
             except _Captured as captured:
                 if not captured.key[1].greedy and captured.key[1].seed is not None:
                     return None  # seeded sampling: each invoke replays the seed, one batch would not
@@ -397,7 +292,7 @@ class ChatMoss(MossSettings, BaseChatModel):
 
     # ------------------------------------------------------------------ building messages
 
-    def _metadata(self, outcome: _Outcome) -> tuple[dict[str, Any], dict[str, Any], UsageMetadata]:
+    def _metadata(self, outcome: Outcome) -> tuple[dict[str, Any], dict[str, Any], UsageMetadata]:
         extra: dict[str, Any] = {}
         if outcome.commands is not None:
             extra[RAW_COMMANDS] = outcome.commands
@@ -410,17 +305,20 @@ class ChatMoss(MossSettings, BaseChatModel):
             finish = "length"
         else:
             finish = "stop"
-        meta = {
+        meta: dict[str, Any] = {
+            "model_provider": PROVIDER,
             "model_name": self._model_name,
             "finish_reason": finish,
             "stop_reason": last.stop_reason if last else None,
         }
+        if outcome.dropped_turns:
+            meta["dropped_turns"] = outcome.dropped_turns
         return extra, meta, _usage(outcome.generations)
 
-    def _message(self, outcome: _Outcome) -> AIMessage:
+    def _message(self, outcome: Outcome) -> AIMessage:
         extra, meta, usage = self._metadata(outcome)
-        if outcome.thoughts and outcome.thoughts != fmt.NONE:
-            extra = {REASONING: outcome.thoughts, **extra}
+        if outcome.thoughts is not None:  # a pass 1 ran: "" when MOSS's thoughts were "None"
+            extra = {REASONING: "" if outcome.thoughts == fmt.NONE else outcome.thoughts, **extra}
         return AIMessage(
             content=outcome.reply,
             tool_calls=outcome.tool_calls,
@@ -430,9 +328,11 @@ class ChatMoss(MossSettings, BaseChatModel):
             usage_metadata=usage,
         )
 
-    def _final_chunk(self, outcome: _Outcome) -> AIMessageChunk:
+    def _final_chunk(self, outcome: Outcome) -> AIMessageChunk:
         """The last chunk: the tool calls (all at once, as pass 1 ended at ``<eoc>``), metadata and usage."""
         extra, meta, usage = self._metadata(outcome)
+        if outcome.thoughts == fmt.NONE:  # streamed thoughts arrived as chunks; "None" ones never did
+            extra = {REASONING: "", **extra}
         calls = [(c["name"], json.dumps(c["args"], ensure_ascii=False), c["id"]) for c in outcome.tool_calls]
         calls += [(c.get("name"), c.get("args"), c.get("id")) for c in outcome.invalid]
         return AIMessageChunk(
@@ -445,55 +345,6 @@ class ChatMoss(MossSettings, BaseChatModel):
             usage_metadata=usage,
             chunk_position="last",
         )
-
-
-class _Thoughts:
-    """Streams inner thoughts, holding back a text that may still be the ``None`` of a turn without any."""
-
-    def __init__(self) -> None:
-        self._held: str | None = ""  # None once the thoughts are known not to be "None"
-
-    def feed(self, text: str) -> Iterator[_Piece]:
-        if self._held is not None:
-            self._held += text
-            if fmt.NONE.startswith(self._held):
-                return
-            text, self._held = self._held, None
-        yield _Piece("thoughts", text)
-
-    def finish(self) -> Iterator[_Piece]:
-        if self._held and self._held != fmt.NONE:
-            yield _Piece("thoughts", self._held)
-        self._held = None
-
-
-def _pass2_prefix(pending: PendingTurn) -> str:
-    """The pending turn up to ``<|MOSS|>:`` once its tools have answered."""
-    return (
-        fmt.segment(fmt.HUMAN, pending.human)
-        + fmt.segment(fmt.THOUGHTS, pending.inner_thoughts or fmt.NONE)
-        + fmt.segment(fmt.COMMANDS, pending.commands or fmt.NONE)
-        + fmt.segment(fmt.RESULTS, pending.results or "\nNone\n")
-    )
-
-
-def _forced_target(choice: ToolChoice, calls: Sequence[Any], tools: Sequence[BoundTool]) -> BoundTool | None:
-    """The tool whose command to prefill when a forced choice was not met by pass 1, else None."""
-    if choice in ("auto", "none"):
-        return None
-    valid = [c["name"] for c in calls if c["type"] == "tool_call"]
-    if isinstance(choice, BoundTool):
-        return None if choice.name in valid else choice
-    if valid:
-        return None
-    tried = [t for c in calls for t in tools if c["name"] == t.name]  # a call to a bound tool with bad args
-    return tried[0] if tried else tools[0]
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    """``text`` up to the first stop string in it (trailing blanks before the stop dropped)."""
-    cut, stop = cut_at_stop(text, stops)
-    return cut.rstrip() if stop is not None else text
 
 
 def _usage(generations: Sequence[Generation]) -> UsageMetadata:

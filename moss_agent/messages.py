@@ -1,4 +1,4 @@
-r"""MOSS turns as LangChain messages and back, and the prompt for the next generation.
+r"""MOSS turns as LangChain messages and back.
 
 A ``HumanMessage`` opens a turn; an ``AIMessage`` with ``tool_calls`` gives its inner thoughts (as
 ``reasoning_content``) and commands; the ``ToolMessage`` answers give its results; an ``AIMessage`` with text
@@ -6,13 +6,12 @@ closes it with the reply. Consecutive messages of one role are joined by a newli
 :func:`from_messages` convert whole conversations; when a recorded segment cannot be rebuilt from the messages
 (the data's odd commands or results), its raw text travels in ``additional_kwargs`` (:data:`RAW_COMMANDS`,
 :data:`RAW_RESULTS`) and wins on the way back, so ``from_messages(to_messages(c)).to_text() == c.to_text()``.
-:func:`render_messages` does the same for a conversation still in progress: what is left open at the end (a
-question, or a question with tool answers) is the pending turn the model answers next.
+A conversation still in progress is rendered by :mod:`moss_agent.rendering`; tool outputs become results in
+:mod:`moss_agent.tool_results`.
 """
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -26,7 +25,7 @@ from moss_agent.protocol import format as fmt
 from moss_agent.protocol import plugins as _plugins
 from moss_agent.protocol.format import Command, MossConversation, MossTurn
 from moss_agent.protocol.parser import parse_commands
-from moss_agent.tool_binding import BoundTool, command_for_tool_call
+from moss_agent.tool_results import HIT_LINE, results_from_outputs, scrub_output, split_results
 
 __all__ = [
     "CATEGORY",
@@ -35,13 +34,9 @@ __all__ = [
     "RAW_RESULTS",
     "REASONING",
     "VERBATIM",
-    "PendingTurn",
-    "RenderedChat",
     "from_messages",
     "message_text",
-    "render_messages",
     "results_from_outputs",
-    "system_text",
     "to_messages",
 ]
 
@@ -57,88 +52,6 @@ CONVERSATION_ID = "moss_conversation_id"
 """``additional_kwargs`` key of the SystemMessage holding the conversation id."""
 CATEGORY = "moss_category"
 """``additional_kwargs`` key of the SystemMessage holding the conversation category."""
-
-# ---------------------------------------------------------------- results from tool outputs
-
-_HIT_LINE = re.compile(r"^<\|\d+\|>: ", re.MULTILINE)
-_LETTER_TAG = re.compile(r"<\|([A-Za-z][^|<>\n]{0,39})\|>")
-_END_TOKEN = re.compile("|".join(re.escape(t) for t in fmt.END_TOKENS))
-
-
-def _scrub_output(text: str) -> str:
-    """Scrub a tool output but keep the ``<|N|>`` hit numbers of search results."""
-    return _LETTER_TAG.sub(r"<\1>", _END_TOKEN.sub(" ", text))
-
-
-def _quoted(value: str) -> bool:
-    """Whether ``value`` is already a string written as Python's repr writes it."""
-    try:
-        parsed = ast.literal_eval(value) if value[:1] in ("'", '"') else None
-    except (ValueError, SyntaxError):
-        return False
-    return isinstance(parsed, str) and repr(parsed) == value
-
-
-def results_from_outputs(calls: Sequence[tuple[Command, str]], *, scrub_untrusted: bool = True) -> str:
-    r"""The raw results body for commands and their tool outputs, as the data writes it.
-
-    Entries follow the release's execution order (Search, Calculate, Solve, Text2Image, then others); Search
-    hits are numbered on across the turn; a plain-text search output becomes one quoted hit; a Calculate
-    value is quoted; a lone successful Text2Image gives the bare ``Image generated successfully.``.
-
-    Args:
-        calls: Each command with the text its tool returned (``ToolMessage.content``).
-        scrub_untrusted: Neutralise end tokens and role tags in the outputs.
-
-    Returns:
-        The body between ``<|Results|>:`` and ``<eor>`` (``"\nNone\n"`` when there are no calls).
-    """
-    order = {api: i for i, api in enumerate(_plugins.EXECUTION_ORDER)}
-    rows = sorted(calls, key=lambda row: order.get(row[0].name, len(order)))
-    if len(rows) == 1 and _plugins.by_api(rows[0][0].name) is _plugins.TEXT_TO_IMAGE:
-        if rows[0][1].strip() in ("", _plugins.TEXT2IMAGE_DONE):
-            return fmt.results_body([_plugins.TEXT2IMAGE_DONE])
-    entries, next_hit = [], 1
-    for command, output in rows:
-        output = _scrub_output(output) if scrub_untrusted else output
-        plugin = _plugins.by_api(command.name)
-        layout = plugin.layout if plugin else "inline"
-        if plugin is _plugins.WEB_SEARCH:
-            if _HIT_LINE.search(output):
-                output, next_hit = _plugins.renumber_search_hits(output, next_hit)
-            else:
-                snippets = [] if output.strip() in ("", _plugins.NO_RESULT) else [output]
-                output = _plugins.format_search_hits(snippets, start=next_hit)
-                next_hit += len(snippets)
-        elif plugin is _plugins.CALCULATOR and not _quoted(output):
-            output = _plugins.format_calculate(output)
-        entries.append(_plugins.format_result_entry(str(command), output, layout))
-    return fmt.results_body(entries)
-
-
-def _split_results(body: str, commands: Sequence[Command]) -> list[str]:
-    """Each command's output (what follows ``=>``) in a recorded results body; ``""`` when it has none."""
-    outputs = [""] * len(commands)
-    if body.strip() == _plugins.TEXT2IMAGE_DONE and len(commands) == 1:
-        return [_plugins.TEXT2IMAGE_DONE]
-    starts: list[tuple[int, int, int]] = []  # (entry start, output start, command index)
-    taken: set[int] = set()
-    for index, command in enumerate(commands):
-        header = f"\n{command} =>"
-        at = body.find(header)
-        while at >= 0 and at in taken:
-            at = body.find(header, at + 1)
-        if at >= 0:
-            taken.add(at)
-            starts.append((at, at + len(header), index))
-    starts.sort()
-    ends = [start for start, _, _ in starts[1:]] + [len(body)]
-    for (_, begin, index), nxt in zip(starts, ends, strict=False):
-        chunk = body[begin:nxt]
-        outputs[index] = chunk[1:] if chunk.startswith((" ", "\n")) else chunk
-        outputs[index] = outputs[index].removesuffix("\n")
-    return outputs
-
 
 # ---------------------------------------------------------------- conversations -> messages
 
@@ -193,7 +106,7 @@ def _turn_messages(turn: MossTurn, index: int, plugins_on: bool) -> list[BaseMes
             tool_call(name=c.name, args={_arg_name(c.name): c.arg}, id=i) for c, i in zip(commands, ids, strict=False)
         ]
         first = AIMessage("", tool_calls=calls, invalid_tool_calls=bad, additional_kwargs=kwargs)
-        outputs = _split_results(turn.results, commands)
+        outputs = split_results(turn.results, commands)
         tools: list[BaseMessage] = [
             ToolMessage(out, tool_call_id=i, name=c.name) for c, i, out in zip(commands, ids, outputs, strict=False)
         ]
@@ -224,6 +137,7 @@ class _Open:
     raw_commands: str | None = None
     raw_results: str | None = None
     has_ai: bool = False
+    rounds: list[_Open] = field(default_factory=list)  # each tool-calling AIMessage opens a round of the turn
 
 
 def message_text(message: BaseMessage) -> str:
@@ -334,25 +248,39 @@ def _add(
                 "AIMessage whose tool_calls carry that id"
             )
         output = message_text(message)
-        turn.outputs[message.tool_call_id] = _scrub_output(output) if scrub_untrusted else output
+        output = scrub_output(output) if scrub_untrusted else output
+        turn.outputs[message.tool_call_id] = output
+        for part in turn.rounds:
+            if message.tool_call_id in {call_id for call_id, _ in part.calls} | set(part.invalid):
+                part.outputs[message.tool_call_id] = output
         return
     if kind != "ai":
         raise ValueError(f"MOSS has no place for a {type(message).__name__}; use System, Human, AI or Tool messages")
     assert isinstance(message, AIMessage)
-    turn.has_ai = True
-    turn.raw_commands = kwargs.get(RAW_COMMANDS, turn.raw_commands)
-    turn.raw_results = kwargs.get(RAW_RESULTS, turn.raw_results)
+    opens_round = bool(message.tool_calls) or (bool(message.invalid_tool_calls) and not message_text(message))
+    parts = [turn]
+    if opens_round:
+        turn.rounds.append(_Open(has_ai=True))
+        parts.append(turn.rounds[-1])
+    for part in parts:
+        part.has_ai = True
+        part.raw_commands = kwargs.get(RAW_COMMANDS, part.raw_commands)
+        part.raw_results = kwargs.get(RAW_RESULTS, part.raw_results)
     reasoning = kwargs.get(REASONING)
     for bad in message.invalid_tool_calls:
         if bad.get("id"):  # answered by an error ToolMessage (LangChain agents do so): shown as a result
-            turn.invalid[str(bad["id"])] = str(bad.get("args") or bad.get("name") or "")
+            for part in parts:
+                part.invalid[str(bad["id"])] = str(bad.get("args") or bad.get("name") or "")
     if message.tool_calls:
         thoughts = reasoning if isinstance(reasoning, str) else message_text(message).strip()
-        if thoughts:
-            turn.thoughts.append(thoughts)
         for number, call in enumerate(message.tool_calls):
             call_id = call.get("id") or f"call_{len(turn.calls)}_{number}"
-            turn.calls.append((call_id, command_for(call)))
+            command = command_for(call)
+            for part in parts:
+                part.calls.append((call_id, command))
+        if thoughts and thoughts != fmt.NONE:
+            for part in parts:
+                part.thoughts.append(thoughts)
         return
     if isinstance(reasoning, str) and not turn.thoughts:
         turn.thoughts.append(reasoning)
@@ -365,14 +293,17 @@ def _calls_tools(message: BaseMessage) -> bool:
     return bool(isinstance(message, AIMessage) and (message.tool_calls or message.invalid_tool_calls))
 
 
-def _build_turn(turn: _Open, plugins_on: bool) -> MossTurn:
+def _build_turn(turn: _Open, plugins_on: bool, first_hit: int = 1) -> MossTurn:
+    """The turn in MOSS's layout; several tool rounds are merged into one commands and one results segment."""
+    if len(turn.rounds) > 1:
+        return _merge_rounds(turn, plugins_on)
     commands = [command for _, command in turn.calls]
     if turn.raw_results is not None:
         results = turn.raw_results
     elif commands:
         pairs = [(command, turn.outputs.get(call_id, _plugins.NO_RESULT)) for call_id, command in turn.calls]
         # Outputs were scrubbed as they were read.
-        results = results_from_outputs(pairs, scrub_untrusted=False)
+        results = results_from_outputs(pairs, scrub_untrusted=False, first_hit=first_hit)
     else:
         results = fmt.results_body(None, plugins_on=plugins_on)
     errors = [
@@ -387,6 +318,37 @@ def _build_turn(turn: _Open, plugins_on: bool) -> MossTurn:
         reply="\n".join(turn.reply),
         inner_thoughts="\n".join(turn.thoughts) or fmt.NONE,
         commands=turn.raw_commands if turn.raw_commands is not None else fmt.commands_text(commands),
+        results=results,
+    )
+
+
+def round_segments(turn: _Open, plugins_on: bool) -> list[MossTurn]:
+    """Each tool round of a turn as its own thoughts, commands and results (Search hits numbered on)."""
+    built, hits = [], 0
+    for part in turn.rounds:
+        one = _build_turn(part, plugins_on, first_hit=hits + 1)
+        hits += len(HIT_LINE.findall(one.results))
+        built.append(one)
+    return built
+
+
+def _merge_rounds(turn: _Open, plugins_on: bool) -> MossTurn:
+    """Several tool rounds of one turn as the trained layout writes several commands: one segment each."""
+    parts = round_segments(turn, plugins_on)
+    commands = ", ".join(p.commands for p in parts if p.commands != fmt.NONE) or fmt.NONE
+    if turn.raw_results is not None and not any(r.raw_results for r in turn.rounds):
+        results = turn.raw_results  # given on the reply (MossAgent's layout)
+    elif any(r.raw_results is not None for r in turn.rounds):
+        bodies = [p.results for p in parts if p.results.strip() not in ("", fmt.NONE)]
+        results = bodies[0] + "".join(b.removeprefix("\n") for b in bodies[1:]) if bodies else parts[0].results
+    else:
+        whole = _Open(calls=turn.calls, outputs=turn.outputs, invalid=turn.invalid)
+        results = _build_turn(whole, plugins_on).results
+    return MossTurn(
+        human="\n".join(turn.human),
+        reply="\n".join(turn.reply),
+        inner_thoughts="\n".join(turn.thoughts) or fmt.NONE,
+        commands=commands,
         results=results,
     )
 
@@ -409,106 +371,12 @@ def _default_system(turns: Sequence[_Open]) -> str:
     return fmt.system_prompt(trained, extra=extra, inner_thoughts=bool(names) or None)
 
 
-# ---------------------------------------------------------------- a conversation in progress -> prompt parts
+_MOVED = ("PendingTurn", "RenderedChat", "render_messages", "system_text")
 
 
-def system_text(
-    custom: str | None,
-    tools: Sequence[BoundTool],
-    *,
-    style: fmt.SwitchStyle = "trained",
-) -> str:
-    """The system text: meta instruction (with any custom instructions) and the switch block.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:  # the prompt of a conversation in progress moved to moss_agent.rendering
+        from moss_agent import rendering
 
-    Args:
-        custom: Text of the caller's SystemMessage. A full MOSS system text (starting with the meta instruction)
-            is used as it is; other text is added as further lines of the meta instruction, before its
-            capabilities line.
-        tools: Bound tools: MOSS plugins switch on their trained lines, others get lines of the same shape.
-        style: The switch block style.
-    """
-    if custom and custom.startswith(fmt.META_INSTRUCTION.split("\n", 1)[0]):
-        return custom if custom.endswith("\n") else custom + "\n"
-    meta = fmt.META_INSTRUCTION
-    if custom:
-        head, capabilities = meta.rsplit("Capabilities", 1)
-        lines = "".join(line.rstrip() + "\n" for line in custom.strip().splitlines() if line.strip())
-        meta = head + lines + "Capabilities" + capabilities
-    trained = [t.plugin for t in tools if t.plugin.trained]
-    extra = [t.plugin for t in tools if not t.plugin.trained]
-    return meta + fmt.switch_block(trained, style=style, extra=extra)
-
-
-@dataclass
-class PendingTurn:
-    """The open turn the model answers next.
-
-    Attributes:
-        human: The user's text, scrubbed.
-        inner_thoughts: Inner thoughts of the tool-calling AIMessage, if any.
-        commands: The commands segment content, if tools were called.
-        results: The raw results body, once the tools have answered.
-    """
-
-    human: str
-    inner_thoughts: str | None = None
-    commands: str | None = None
-    results: str | None = None
-
-
-@dataclass
-class RenderedChat:
-    """Messages rendered for MOSS: the finished turns and the pending one.
-
-    Attributes:
-        system: Meta instruction and switch block.
-        turns: Finished turns.
-        pending: The open turn, or None when the last message is a reply.
-    """
-
-    system: str
-    turns: list[MossTurn] = field(default_factory=list)
-    pending: PendingTurn | None = None
-
-    @property
-    def history(self) -> str:
-        """System text and finished turns."""
-        return self.system + "".join(t.to_text() for t in self.turns)
-
-
-def render_messages(
-    messages: Sequence[BaseMessage],
-    tools: Sequence[BoundTool] = (),
-    *,
-    style: fmt.SwitchStyle = "trained",
-    scrub_untrusted: bool = True,
-) -> RenderedChat:
-    """Group the messages of a conversation in progress into MOSS turns and the pending one.
-
-    Args:
-        messages: The conversation; SystemMessages anywhere give the system text.
-        tools: The bound tools (decide the switch block and the command names of tool calls).
-        style: The switch block style when no full MOSS system text is given.
-        scrub_untrusted: Neutralise end tokens and role tags in human text and tool outputs.
-
-    Raises:
-        ValueError: On an empty message list, or a message MOSS has no place for.
-    """
-    if not messages:
-        raise ValueError("MOSS needs at least one message")
-    systems, _, turns = _group(messages, scrub_untrusted, lambda call: command_for_tool_call(call, tools))
-    system = system_text("\n".join(systems) or None, tools, style=style)
-    plugins_on = _plugins.INNER_THOUGHTS.switch_line(True) in system
-    rendered = RenderedChat(system)
-    if turns and not turns[-1].reply:
-        last = turns.pop()
-        answered = last.raw_results is not None or bool(last.outputs)
-        built = _build_turn(last, plugins_on)
-        rendered.pending = PendingTurn(
-            human=built.human,
-            inner_thoughts=built.inner_thoughts if last.thoughts else None,
-            commands=built.commands if last.calls or last.raw_commands is not None else None,
-            results=built.results if answered else None,
-        )
-    rendered.turns = [_build_turn(t, plugins_on) for t in turns]
-    return rendered
+        return getattr(rendering, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -418,7 +418,7 @@ def test_invoke_returns_the_whole_turn(calculator: BaseTool) -> None:
     assert {"output", "inner_thoughts", "commands", "results", "artifacts", "runs", "turn", "usage"} <= set(result)
     assert (result["output"], result["inner_thoughts"], result["commands"]) == ("3.", "Sum.", 'Calculate("1+2")')
     assert result["runs"][0]["output"] == "'3'" and result["artifacts"][0]["text"] == "3"
-    with pytest.raises(ValueError, match="'input' key"):
+    with pytest.raises(ValueError, match="'input' \\(or 'messages'\\) key"):
         agent.invoke({"prompt": "x"})
 
 

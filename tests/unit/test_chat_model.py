@@ -64,7 +64,7 @@ def collect(stream) -> tuple[list[AIMessageChunk], AIMessageChunk]:
 
 def test_construction_is_lazy_and_the_import_light():
     chat = ChatMoss(model="fnlp/moss-moon-003-sft-plugin", precision="int4", max_tokens=12)
-    assert chat._holder is None and chat.max_new_tokens == 12
+    assert chat._slot is not None and not chat._slot.loaded and chat.max_new_tokens == 12
     heavy = "('torch', 'transformers')"
     code = f"import sys, moss_agent.chat_model, moss_agent.llm; print([m for m in {heavy} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
@@ -140,6 +140,7 @@ def test_pass1_gives_typed_tool_calls_reasoning_and_metadata():
     assert message.content == "" and not message.invalid_tool_calls
     assert message.additional_kwargs == {REASONING: "Adding.", RAW_COMMANDS: 'add("{\\"a\\": \\"1\\", \\"b\\": 2}")'}
     assert message.response_metadata == {
+        "model_provider": "moss",
         "model_name": "scripted",
         "finish_reason": "tool_calls",
         "stop_reason": "<eoc>",
@@ -156,7 +157,7 @@ def test_pass1_gives_typed_tool_calls_reasoning_and_metadata():
 
 
 def test_tool_results_render_through_the_plugin_table_for_pass2():
-    chat, engine = chat_with(CALC_PASS1, " 2+2 is 4.<eom>")
+    chat, engine = chat_with(CALC_PASS1, " 2+2 is 4.<eom>", max_tool_rounds=1)  # reply after one round
     bound = chat.bind_tools([calculate, web_search])
     first = bound.invoke("what is 2+2?")
     answer = ToolMessage("4", tool_call_id=first.tool_calls[0]["id"])
@@ -173,7 +174,9 @@ def test_tool_results_render_through_the_plugin_table_for_pass2():
 
 
 def test_search_results_are_numbered_hits():
-    chat, engine = chat_with(' Search.<eot>\n<|Commands|>: Search("MOSS")<eoc>', " MOSS<sup><|1|></sup>.<eom>")
+    chat, engine = chat_with(
+        ' Search.<eot>\n<|Commands|>: Search("MOSS")<eoc>', " MOSS<sup><|1|></sup>.<eom>", max_tool_rounds=1
+    )
     bound = chat.bind_tools([web_search])
     first = bound.invoke("what is MOSS?")
     second = bound.invoke(
@@ -187,7 +190,7 @@ def test_no_command_answers_in_the_same_call_from_the_cached_prefix():
     chat, engine = chat_with(NO_COMMAND, " Hello!<eom>")
     message = chat.bind_tools([web_search]).invoke("hi")
     assert message.content == "Hello!" and not message.tool_calls
-    assert message.additional_kwargs == {RAW_COMMANDS: "None"}
+    assert message.additional_kwargs == {REASONING: "", RAW_COMMANDS: "None"}  # pass 1 ran: thoughts "None"
     assert engine.calls[1].prompt == engine.calls[0].prompt + NO_COMMAND + "\n<|Results|>:\nNone\n<eor>\n<|MOSS|>:"
     usage = message.usage_metadata
     both = [engine.count_tokens(c.prompt) for c in engine.calls]
@@ -282,7 +285,9 @@ def test_when_no_command_is_valid_moss_can_read_the_errors_and_reply():
 
 
 def test_error_tool_messages_for_invalid_calls_go_back_to_the_model():
-    chat, engine = chat_with(' Hm.<eot>\n<|Commands|>: get_weather("Rome"), get_weather(<eoc>', " Sunny.<eom>")
+    chat, engine = chat_with(
+        ' Hm.<eot>\n<|Commands|>: get_weather("Rome"), get_weather(<eoc>', " Sunny.<eom>", max_tool_rounds=1
+    )
     bound = chat.bind_tools([get_weather])
     first = bound.invoke("weather?")
     (good,), (bad,) = first.tool_calls, first.invalid_tool_calls
@@ -328,7 +333,7 @@ def test_developer_mistakes_raise_clearly():
 
 def test_streaming_equals_invoke():
     outputs = [CALC_PASS1, " 2+2 is 4.<eom>"]
-    chat, _ = chat_with(*outputs)
+    chat, _ = chat_with(*outputs, max_tool_rounds=1)
     bound = chat.bind_tools([calculate])
     invoked = bound.invoke("what is 2+2?")
     chat.engine = ScriptedEngine(outputs)
@@ -349,7 +354,7 @@ def test_streaming_equals_invoke():
 def test_streamed_thoughts_hold_back_none_and_invalid_calls_stay_invalid():
     chat, _ = chat_with(' None<eot>\n<|Commands|>: Draw("{}"), Search("a")<eoc>')
     chunks, full = collect(chat.bind_tools([web_search]).stream("hi"))
-    assert len(chunks) == 1 and REASONING not in full.additional_kwargs
+    assert len(chunks) == 1 and full.additional_kwargs[REASONING] == ""  # "None" thoughts: present, empty
     assert full.tool_calls[0]["args"] == {"query": "a"} and full.invalid_tool_calls[0]["args"] == 'Draw("{}")'
 
 
@@ -428,7 +433,7 @@ def test_batch_of_single_pass_inputs_is_one_engine_batch_equal_to_invoke():
     assert [_comparable(m) for m in got] == [_comparable(m) for m in want]
     assert got[0].content == got[3].content and got[0].content != got[1].content
 
-    bound = chat.bind_tools([calculate])
+    bound = chat.bind_tools([calculate], max_tool_rounds=1)  # the reply comes right after the results
     want = [bound.invoke(answered), bound.invoke([*answered[:2], ToolMessage("5", tool_call_id="c1")])]
     calls.clear()
     got = bound.batch([answered, [*answered[:2], ToolMessage("5", tool_call_id="c1")]])

@@ -20,5 +20,10 @@ class TestChatMossUnit(ChatModelUnitTests):
         return {"model": "fnlp/moss-moon-003-sft-plugin"}
 
     @property
+    def init_from_env_params(self) -> tuple[dict, dict, dict]:
+        env = {"MOSS_AGENT_API_KEY": "secret-from-env"}
+        return env, {"model": "moss", "base_url": "http://127.0.0.1:8000/v1"}, {"api_key": "secret-from-env"}
+
+    @property
     def supports_model_override(self) -> bool:
         return False  # one ChatMoss serves one loaded 16B model; a per-call model= raises

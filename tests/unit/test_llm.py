@@ -62,7 +62,7 @@ def test_shares_the_engine_with_chat_moss():
 
 def test_lazy_and_clear_errors():
     llm = MossLLM(model="fnlp/moss-moon-003-sft", max_tokens=5)
-    assert llm._holder is None and llm.max_new_tokens == 5
+    assert llm._slot is not None and not llm._slot.loaded and llm.max_new_tokens == 5
     with pytest.raises(ValueError, match="needs a model"):
         MossLLM().invoke("x")
     with pytest.raises(ValueError, match="per-call model"):
