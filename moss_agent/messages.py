@@ -248,7 +248,10 @@ def _add(
                 "AIMessage whose tool_calls carry that id"
             )
         output = message_text(message)
-        output = scrub_output(output) if scrub_untrusted else output
+        if scrub_untrusted:  # only Search results keep their <|N|> hit numbers
+            names = {call_id: command.name for call_id, command in turn.calls}
+            search = _plugins.by_api(names.get(message.tool_call_id, "")) is _plugins.WEB_SEARCH
+            output = scrub_output(output) if search else fmt.scrub(output)
         turn.outputs[message.tool_call_id] = output
         for part in turn.rounds:
             if message.tool_call_id in {call_id for call_id, _ in part.calls} | set(part.invalid):

@@ -55,8 +55,9 @@ def results_from_outputs(
             return fmt.results_body([_plugins.TEXT2IMAGE_DONE])
     entries, next_hit = [], first_hit
     for command, output in rows:
-        output = scrub_output(output) if scrub_untrusted else output
         plugin = _plugins.by_api(command.name)
+        if scrub_untrusted:  # only Search results keep their <|N|> hit numbers
+            output = scrub_output(output) if plugin is _plugins.WEB_SEARCH else fmt.scrub(output)
         layout = plugin.layout if plugin else "inline"
         if plugin is _plugins.WEB_SEARCH:
             if HIT_LINE.search(output):
