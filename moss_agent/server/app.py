@@ -1,21 +1,27 @@
 """The FastAPI app: OpenAI-compatible routes, conversations, images and the chat page.
 
-See :mod:`moss_agent.server` for the API. Every model call goes through one :class:`ModelQueue`, so the
-model runs one request at a time in arrival order; everything else (listing, images, the page) answers at once.
+See :mod:`moss_agent.server` for the API. Every job that touches the model or a conversation goes through the
+:class:`ModelQueue` (fair between users, one job at a time per conversation); the turns it runs at once share
+the model's forward passes (:mod:`moss_agent.server.batching`). Listing, images and the page answer at once.
+In front of everything, :class:`~moss_agent.server.security.GuardMiddleware` keeps other web sites out.
+
+A request whose client goes away is cancelled: a streamed one when its stream is closed, a non-streamed one
+when the server notices the closed connection (it looks every ``_POLL_S`` seconds while the job runs).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-import hmac
 import importlib.resources
 import json
 import logging
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,6 +34,7 @@ from moss_agent.chat_model import ChatMoss
 from moss_agent.engines.base import ContextWindowExceededError
 from moss_agent.memory import ContextBudgetError
 from moss_agent.memory.store import SQLiteStore, new_session_id
+from moss_agent.messages import message_text
 from moss_agent.server.queue import ModelQueue, QueueFullError, RequestTimeoutError
 from moss_agent.server.schemas import (
     CONVERSATION_ID,
@@ -39,10 +46,13 @@ from moss_agent.server.schemas import (
     completion,
     error_body,
     new_completion_id,
+    scrub_json,
     to_langchain,
     usage,
 )
+from moss_agent.server.security import GuardMiddleware
 from moss_agent.server.service import Event, MossService, TurnRequest
+from moss_agent.server.users import ADMIN_ID, KeyRing, Principal
 from moss_agent.tool_binding import bind_tools
 
 __all__ = ["create_app"]
@@ -51,6 +61,23 @@ logger = logging.getLogger(__name__)
 
 _STATIC = {"page.js": "text/javascript", "page.css": "text/css"}
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_POLL_S = 0.1
+"""How often a waiting non-streamed request checks whether its client is still there."""
+
+
+class ClientGoneError(Exception):
+    """The client closed its connection before the answer was ready."""
+
+
+async def _authorize(request: Request) -> Principal:
+    """The caller of a ``/v1`` request (401 without a valid key)."""
+    principal: Principal | None = request.app.state.keys.authenticate(request.headers.get("authorization", ""))
+    if principal is None:
+        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    return principal
+
+
+Caller = Annotated[Principal, Depends(_authorize)]
 
 
 def _asset(name: str) -> str:
@@ -62,7 +89,8 @@ def _job_error(err: BaseException) -> ApiError:
     if isinstance(err, ApiError):
         return err
     if isinstance(err, QueueFullError):
-        return ApiError(429, str(err), type="rate_limit_error", code="queue_full")
+        retry = {"Retry-After": str(err.retry_after)}
+        return ApiError(429, str(err), type="rate_limit_error", code="queue_full", headers=retry)
     if isinstance(err, RequestTimeoutError):
         return ApiError(504, str(err), type="timeout_error", code="timeout")
     if isinstance(err, ContextBudgetError | ContextWindowExceededError):
@@ -89,12 +117,16 @@ def create_app(
         tools: The server-side plugins (e.g. ``moss_agent.tools.make_tools(...)``).
         store: The conversation store, or a path for one; an in-memory database when None (lost at exit).
         image_dir: The folder whose PNGs ``/v1/images/{name}`` serves; by default the Text2Image tool's.
-        settings: Limits, API key and defaults.
+        settings: Limits, keys, allowed hosts and defaults.
 
     Raises:
-        ValueError: For default plugins that are not among ``tools``.
+        ValueError: For default plugins that are not among ``tools``, or keys given twice.
     """
     settings = settings or ServerSettings()
+    if isinstance(settings.keys, KeyRing):
+        ring = settings.keys
+    else:
+        ring = KeyRing(settings.keys, api_key=settings.api_key, admin_key=settings.admin_key)
     if isinstance(model, ChatMoss):
         chat = model
     elif isinstance(model, str):
@@ -109,9 +141,18 @@ def create_app(
         folders = (getattr(t, "output_dir", None) for t in tools)  # the Text2Image tool's
         image_dir = next((f for f in folders if isinstance(f, Path)), None)
     service = MossService(
-        chat, tools, store, Path(image_dir) if image_dir is not None else None, settings.default_plugins
+        chat,
+        tools,
+        store,
+        Path(image_dir) if image_dir is not None else None,
+        settings.default_plugins,
+        max_batch=settings.max_batch,
     )
-    queue = ModelQueue(settings.max_queue)
+    several = len(ring.users) > 1
+    per_user = settings.max_queue_per_user or (max(1, settings.max_queue // 2) if several else settings.max_queue)
+    queue = ModelQueue(
+        settings.max_queue, workers=settings.workers or settings.max_batch, max_pending_per_user=per_user
+    )
     model_name = settings.model_name or getattr(chat.engine, "model_name", None) or chat.model or "moss"
     started = int(time.time())
 
@@ -119,17 +160,13 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         queue.shutdown()
+        engine = service.chat.engine
+        if engine is not None and hasattr(engine, "close"):
+            engine.close()
 
-    app = FastAPI(title="moss-agent", version="1", docs_url=None, redoc_url=None, lifespan=lifespan)
-    app.state.service, app.state.queue, app.state.settings = service, queue, settings
-
-    async def authorize(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        # Constant-time compare: the time taken must not tell how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), settings.api_key.encode()):
-            raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+    app = FastAPI(title="moss-agent", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.add_middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts)
+    app.state.service, app.state.queue, app.state.settings, app.state.keys = service, queue, settings, ring
 
     async def read_body(request: Request) -> bytes:
         limit = settings.max_request_bytes
@@ -147,22 +184,46 @@ def create_app(
                 )
         return bytes(body)
 
-    async def run_job(job: Any, deadline: float) -> list[Any]:
+    async def watched(request: Request, work: Awaitable[Any]) -> Any:
+        """Await ``work``; cancel it (and so its job) when the client closes its connection first."""
+        task = asyncio.ensure_future(work)
         try:
-            return [item async for item in queue.stream(job, deadline)]
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=_POLL_S)
+                if done:
+                    return task.result()
+                if await request.is_disconnected():
+                    raise ClientGoneError
+        except ClientGoneError:
+            raise
         except Exception as err:
             raise _job_error(err) from err
+        finally:
+            if not task.done():  # the job's stream closes here: a waiting job is dropped, a running one stops
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
 
-    def check_id(conversation_id: str) -> str:
-        if not CONVERSATION_ID.fullmatch(conversation_id):
+    async def run_job(request: Request, job: Any, who: Principal, key: str, stop: Any = None) -> list[Any]:
+        deadline = time.monotonic() + settings.request_timeout_s
+        stream = queue.stream(job, deadline, user=who.name, key=key, stop=stop)
+        return await watched(request, _collect(stream))  # type: ignore[no-any-return]
+
+    def check_id(who: Principal, conversation_id: str) -> str:
+        """The store id of the caller's conversation ``conversation_id`` (400 for a malformed id)."""
+        if not (ADMIN_ID if who.admin else CONVERSATION_ID).fullmatch(conversation_id):
             raise ApiError(400, "a conversation id has 1 to 64 letters, digits, '_' or '-'", param="conversation_id")
-        return conversation_id
+        return who.store_id(conversation_id)
 
     # ------------------------------------------------------------------ errors
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, err: ApiError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(ClientGoneError)
+    async def _gone(_: Request, err: ClientGoneError) -> Response:
+        return Response(status_code=499)  # nobody reads it: the connection is closed
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -191,11 +252,11 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": model_name, "auth": settings.api_key is not None, "queue": queue.pending}
+        return {"status": "ok", "model": model_name, "auth": not ring.open, "queue": queue.pending}
 
     # ------------------------------------------------------------------ the API
 
-    api = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
+    api = APIRouter(prefix="/v1", dependencies=[Depends(_authorize)])
 
     @api.get("/models")
     async def models() -> dict[str, Any]:
@@ -207,33 +268,39 @@ def create_app(
         data = [{"key": k, "name": t.name, "description": t.description} for k, t in service.tools.items()]
         return {"object": "list", "data": data, "default": service.default_plugins}
 
+    if settings.docs:
+
+        @api.get("/openapi.json", include_in_schema=False)
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
+
     @api.get("/conversations")
-    def conversations() -> dict[str, Any]:
-        return {"object": "list", "data": service.list_conversations()}
+    def conversations(who: Caller) -> dict[str, Any]:
+        return {"object": "list", "data": service.list_conversations(who.public_id)}
 
     @api.get("/conversations/{conversation_id}")
-    def conversation(conversation_id: str) -> dict[str, Any]:
-        found = service.conversation(check_id(conversation_id))
-        if found is None:
+    def conversation(conversation_id: str, who: Caller) -> dict[str, Any]:
+        found = service.conversation(check_id(who, conversation_id), conversation_id)
+        if found is None:  # another user's conversation is no different from one that does not exist
             raise ApiError(404, f"no conversation {conversation_id!r}", type="not_found_error")
         return found
 
     @api.put("/conversations/{conversation_id}/plugins")
-    async def set_plugins(conversation_id: str, request: Request) -> dict[str, Any]:
-        check_id(conversation_id)
+    async def set_plugins(conversation_id: str, request: Request, who: Caller) -> Any:
+        sid = check_id(who, conversation_id)
         try:
             update = PluginsUpdate.model_validate_json(await read_body(request))
         except ValidationError as err:
             raise ApiError(400, f"invalid body: {err.errors()[0]['msg']}", param="plugins") from err
-        deadline = time.monotonic() + settings.request_timeout_s
-        (keys,) = await run_job(lambda: iter([service.set_plugins(conversation_id, update.plugins)]), deadline)
+        (keys,) = await run_job(request, lambda: iter([service.set_plugins(sid, update.plugins)]), who, sid)
         return {"id": conversation_id, "object": "conversation.plugins", "plugins": keys}
 
     @api.delete("/conversations/{conversation_id}")
-    async def delete(conversation_id: str) -> dict[str, Any]:
-        check_id(conversation_id)
-        deadline = time.monotonic() + settings.request_timeout_s
-        (deleted,) = await run_job(lambda: iter([service.store.delete(conversation_id)]), deadline)
+    async def delete(conversation_id: str, request: Request, who: Caller) -> Any:
+        sid = check_id(who, conversation_id)
+        (deleted,) = await run_job(request, lambda: iter([service.store.delete(sid)]), who, sid)
+        if not deleted:
+            raise ApiError(404, f"no conversation {conversation_id!r}", type="not_found_error")
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": deleted}
 
     @api.get("/images/{name}")
@@ -244,13 +311,22 @@ def create_app(
         return FileResponse(path, media_type="image/png")
 
     @api.post("/chat/completions", response_model=None)
-    async def chat_completions(request: Request) -> JSONResponse | StreamingResponse:
+    async def chat_completions(request: Request, who: Caller) -> JSONResponse | StreamingResponse:
         try:
             body = ChatCompletionRequest.model_validate_json(await read_body(request))
         except ValidationError as err:
             problem = err.errors()[0]
             param = ".".join(str(p) for p in problem["loc"])
             raise ApiError(400, f"{param}: {problem['msg']}", param=param) from err
+        messages = to_langchain(body.messages)
+        size = sum(len(message_text(m).encode()) for m in messages)
+        if len(messages) > settings.max_history_messages or size > settings.max_history_bytes:
+            raise ApiError(
+                400,
+                f"the request carries {len(messages)} messages of {size} bytes; this server takes at most "
+                f"{settings.max_history_messages} messages of {settings.max_history_bytes} bytes",
+                param="messages",
+            )
         max_tokens = body.requested_max_tokens() or min(chat.max_new_tokens, settings.max_tokens_limit)
         if max_tokens > settings.max_tokens_limit:
             raise ApiError(
@@ -268,21 +344,25 @@ def create_app(
                 bind_tools(body.tools)
             except (ValueError, KeyError, TypeError) as err:
                 raise ApiError(400, f"tools: {err}", param="tools") from err
-        conversation_id = check_id(body.conversation_id or request.headers.get("x-conversation-id") or new_session_id())
+        conversation_id = body.conversation_id or request.headers.get("x-conversation-id") or new_session_id()
+        sid = check_id(Principal(who.user), conversation_id)  # a turn always runs in the caller's own namespace
+        stop = threading.Event()
         turn = TurnRequest(
-            conversation_id,
-            to_langchain(body.messages),
+            sid,
+            messages,
             plugins=body.plugins,
-            tools=body.tools,
+            tools=scrub_json(body.tools) if body.tools else None,
             tool_choice=body.tool_choice,
             sampling=body.sampling(),
             max_tokens=max_tokens,
+            max_tokens_given=body.requested_max_tokens() is not None,
+            public_id=conversation_id,
+            cancelled=stop.is_set,
         )
-        deadline = time.monotonic() + settings.request_timeout_s
         completion_id = new_completion_id()
         headers = {"X-Conversation-Id": conversation_id}
         if not body.stream:
-            events: list[Event] = await run_job(lambda: service.run(turn), deadline)
+            events: list[Event] = await run_job(request, lambda: service.run(turn), who, sid, stop)
             final = events[-1].data
             content = completion(
                 completion_id,
@@ -293,11 +373,13 @@ def create_app(
                 usage(final["usage"]),
             )
             return JSONResponse(content, headers=headers)
-        stream = queue.stream(lambda: service.run(turn), deadline)
-        try:
-            first = await anext(stream)  # errors before the first event are answered with their HTTP status
-        except Exception as err:
-            raise _job_error(err) from err
+        deadline = time.monotonic() + settings.request_timeout_s
+        stream = queue.stream(lambda: service.run(turn), deadline, user=who.name, key=sid, stop=stop)
+        try:  # errors before the first event are answered with their HTTP status
+            first = await watched(request, anext(stream))
+        except BaseException:
+            await stream.aclose()  # type: ignore[attr-defined]
+            raise
         include_usage = bool((body.stream_options or {}).get("include_usage"))
         sse = _sse(stream, first, completion_id, model_name, conversation_id, include_usage)
         return StreamingResponse(sse, media_type="text/event-stream", headers={**headers, **_SSE_HEADERS})
@@ -305,6 +387,10 @@ def create_app(
     app.include_router(api)
 
     return app
+
+
+async def _collect(stream: AsyncIterator[Any]) -> list[Any]:
+    return [item async for item in stream]
 
 
 async def _sse(

@@ -1,4 +1,11 @@
-"""The wire format: OpenAI chat-completion requests and responses, the ``moss`` extension, errors, settings."""
+"""The wire format: OpenAI chat-completion requests and responses, the ``moss`` extension, errors, settings.
+
+Everything a client sends that can reach a prompt is scrubbed here, at the boundary (:func:`to_langchain`):
+assistant text, ``reasoning_content``, tool-call names and arguments (tool definitions: :func:`scrub_json`, in
+the app). A client's messages never carry LangChain ``additional_kwargs``, so no client field (``moss_verbatim``
+or any other) can switch scrubbing off. User text, system text and tool answers are scrubbed where the prompt
+is built (tool answers keep the ``<|N|>`` hit numbers of Search results only).
+"""
 
 from __future__ import annotations
 
@@ -6,14 +13,19 @@ import json
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.messages.tool import invalid_tool_call, tool_call
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moss_agent.messages import REASONING
+from moss_agent.protocol.format import scrub
+
+if TYPE_CHECKING:
+    from moss_agent.server.users import KeyRing
 
 __all__ = [
     "CONVERSATION_ID",
@@ -31,6 +43,8 @@ __all__ = [
 
 CONVERSATION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 """What a conversation id may look like (the store's ids are 32 hex digits)."""
+GREEDY_BELOW = 1e-5
+"""A temperature below this means greedy decoding (dividing logits by it would overflow)."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +59,17 @@ class ServerSettings:
         request_timeout_s: Time limit of one request, waiting in the queue included.
         max_queue: Most requests waiting for the model at once; more are refused with 429.
         default_plugins: Plugin keys a new conversation starts with; every configured plugin when None.
+        keys: Users and their keys (``--keys FILE``, optional admin key); with ``api_key`` they make one ring.
+        admin_key: A key that may list, read and delete every user's conversations.
+        allowed_hosts: Host names the server answers to besides the loopback names (``--host``,
+            ``--allowed-host``: the public name behind a reverse proxy).
+        max_history_messages: Most messages one request may carry (earlier turns it imports included).
+        max_history_bytes: Most bytes of message text one request may carry.
+        max_batch: Most generations the engine batches together.
+        workers: Turns running at once (their generations are batched); ``max_batch`` when None.
+        max_queue_per_user: Most requests of one user waiting or running; half of ``max_queue`` when there
+            are several users, else ``max_queue``.
+        docs: Serve the OpenAPI schema at ``/v1/openapi.json`` (behind the key).
     """
 
     api_key: str | None = None
@@ -54,6 +79,15 @@ class ServerSettings:
     request_timeout_s: float = 300.0
     max_queue: int = 64
     default_plugins: tuple[str, ...] | None = None
+    keys: KeyRing | Mapping[str, str] | None = None
+    admin_key: str | None = None
+    allowed_hosts: tuple[str, ...] = ()
+    max_history_messages: int = 256
+    max_history_bytes: int = 400_000
+    max_batch: int = 8
+    workers: int | None = None
+    max_queue_per_user: int | None = None
+    docs: bool = False
 
 
 class ApiError(Exception):
@@ -67,9 +101,11 @@ class ApiError(Exception):
         type: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
         """The JSON body."""
@@ -127,10 +163,10 @@ class ChatCompletionRequest(BaseModel):
     stream_options: dict[str, Any] | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=1)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
@@ -138,6 +174,14 @@ class ChatCompletionRequest(BaseModel):
     """The conversation to continue (or to create under this id); a new one when absent."""
     plugins: list[str] | None = None
     """Plugin keys to switch on for this conversation from this turn on (saved with it)."""
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        strings = [stop] if isinstance(stop, str) else stop or []
+        if len(strings) > 4 or any(not 1 <= len(s) <= 100 for s in strings):
+            raise ValueError("stop is at most 4 strings of 1 to 100 characters")
+        return stop
 
     def requested_max_tokens(self) -> int | None:
         """``max_completion_tokens`` or ``max_tokens``."""
@@ -147,8 +191,11 @@ class ChatCompletionRequest(BaseModel):
         """The ChatMoss fields this request sets."""
         out: dict[str, Any] = {}
         if self.temperature is not None:
-            out["temperature"] = self.temperature
-            out["do_sample"] = self.temperature > 0
+            if self.temperature < GREEDY_BELOW:  # 1e-37 would overflow the logits: it means greedy
+                out["do_sample"] = False
+            else:
+                out["temperature"] = self.temperature
+                out["do_sample"] = True
         if self.top_p is not None:
             out["top_p"] = self.top_p
         if self.seed is not None:
@@ -175,11 +222,23 @@ def _text(message: ChatMessage, index: int) -> str:
     return "".join(parts)
 
 
+def scrub_json(value: Any) -> Any:
+    """``value`` with every string in it (keys included) scrubbed."""
+    if isinstance(value, str):
+        return scrub(value)
+    if isinstance(value, dict):
+        return {scrub(str(k)): scrub_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub_json(v) for v in value]
+    return value
+
+
 def to_langchain(messages: list[ChatMessage]) -> list[BaseMessage]:
-    """OpenAI messages as LangChain messages.
+    """OpenAI messages as LangChain messages, with the text that only a client could have written scrubbed.
 
     Tool-call arguments that are not a JSON object become an invalid tool call with the same id, so that the
-    client's error answer reaches MOSS as a result, as LangChain agents do it.
+    client's error answer reaches MOSS as a result, as LangChain agents do it. User and system text is left
+    for the prompt builders, which scrub it (and must see it as sent, to store it as sent).
 
     Raises:
         ApiError: For content MOSS cannot read.
@@ -194,7 +253,7 @@ def to_langchain(messages: list[ChatMessage]) -> list[BaseMessage]:
         elif message.role == "tool":
             if not message.tool_call_id:
                 raise ApiError(400, f"messages[{i}] (role 'tool') needs a tool_call_id", param=f"messages[{i}]")
-            out.append(ToolMessage(text, tool_call_id=message.tool_call_id))
+            out.append(ToolMessage(text, tool_call_id=message.tool_call_id))  # scrubbed as results are built
         else:
             calls, bad = [], []
             for call in message.tool_calls or ():
@@ -202,12 +261,13 @@ def to_langchain(messages: list[ChatMessage]) -> list[BaseMessage]:
                     args = json.loads(call.function.arguments or "{}")
                 except json.JSONDecodeError:
                     args = None
+                name = scrub(call.function.name)
                 if isinstance(args, dict):
-                    calls.append(tool_call(name=call.function.name, args=args, id=call.id))
+                    calls.append(tool_call(name=name, args=scrub_json(args), id=call.id))
                 else:
-                    bad.append(invalid_tool_call(name=call.function.name, args=call.function.arguments, id=call.id))
-            extra = {REASONING: message.reasoning_content} if message.reasoning_content else {}
-            out.append(AIMessage(text, tool_calls=calls, invalid_tool_calls=bad, additional_kwargs=extra))
+                    bad.append(invalid_tool_call(name=name, args=scrub(call.function.arguments), id=call.id))
+            extra = {REASONING: scrub(message.reasoning_content)} if message.reasoning_content else {}
+            out.append(AIMessage(scrub(text), tool_calls=calls, invalid_tool_calls=bad, additional_kwargs=extra))
     return out
 
 

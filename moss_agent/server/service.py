@@ -9,13 +9,20 @@ request without ``tools`` runs MOSS's plugin loop with the conversation's switch
 (:class:`~moss_agent.agent.MossAgent`); a request with ``tools`` binds them to ChatMoss and returns MOSS's
 commands as ``tool_calls`` for the client to run, and stores the turn once the client's tools have answered
 and MOSS has replied.
+
+A turn writes nothing until it is whole: its memory works on a :class:`~moss_agent.server.staging.StagedSession`,
+committed in one transaction after the last reply token, unless the request was cancelled by then. So a
+refused, cancelled or cut-off request stores nothing, imported history included.
+
+Conversation ids here are the store's (``USER:ID`` for a user of a keys file, see :mod:`moss_agent.server.users`).
 """
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +33,7 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from moss_agent.agent import CommandRun, MossAgent, TurnResult
 from moss_agent.chat_model import ChatMoss
-from moss_agent.memory import TokenBudgetMemory
+from moss_agent.memory import ContextBudgetError, TokenBudgetMemory
 from moss_agent.memory.store import SQLiteStore, json_artifacts
 from moss_agent.messages import (
     RAW_COMMANDS,
@@ -39,6 +46,8 @@ from moss_agent.messages import (
 )
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol import plugins as _plugins
+from moss_agent.server.batching import BatchingEngine
+from moss_agent.server.staging import StagedSession
 from moss_agent.tool_binding import bind_tools
 
 __all__ = ["IMAGE_NAME", "Event", "MossService", "TurnRequest", "plugin_key"]
@@ -48,6 +57,7 @@ IMAGE_NAME = re.compile(r"[0-9a-f]{32}\.png")
 
 _CAPABILITIES = fmt.META_INSTRUCTION.rsplit("\n", 2)[-2] + "\n"  # "Capabilities and tools that MOSS can possess."
 _RESULTS_ROOM = 256  # prompt tokens kept free for a plugin turn's results
+_MIN_PROMPT = 64  # prompt tokens a turn needs at least beside what it generates
 
 
 def plugin_key(tool: BaseTool) -> str:
@@ -61,13 +71,16 @@ class TurnRequest:
     """One chat-completion request, as the worker runs it.
 
     Attributes:
-        conversation_id: The conversation.
+        conversation_id: The conversation's store id.
         messages: The request's messages (system messages included).
         plugins: Plugin keys to switch on from now on; None keeps the conversation's.
         tools: Client-side tools (OpenAI tool dicts); None for a server-side plugin turn.
         tool_choice: The request's ``tool_choice``.
         sampling: ChatMoss fields to set for this request (temperature ...).
         max_tokens: Most tokens per generation pass.
+        max_tokens_given: Whether the client chose ``max_tokens`` (else it may be lowered to fit a plugin turn).
+        public_id: The id the client knows the conversation by (``conversation_id`` when None).
+        cancelled: Tells whether the client has gone away; a cancelled turn is not stored.
     """
 
     conversation_id: str
@@ -77,6 +90,9 @@ class TurnRequest:
     tool_choice: Any = None
     sampling: dict[str, Any] = field(default_factory=dict)
     max_tokens: int = 256
+    max_tokens_given: bool = True
+    public_id: str | None = None
+    cancelled: Callable[[], bool] = lambda: False
 
 
 @dataclass
@@ -102,6 +118,7 @@ class MossService:
         store: Where conversations live.
         image_dir: The folder Text2Image writes to; images there are served by name.
         default_plugins: Keys switched on in a new conversation; all tools when None.
+        max_batch: Most generations batched together on the model.
     """
 
     def __init__(
@@ -111,12 +128,32 @@ class MossService:
         store: SQLiteStore,
         image_dir: Path | None = None,
         default_plugins: Sequence[str] | None = None,
+        max_batch: int = 8,
     ) -> None:
         self.chat = chat
+        self.max_batch = max_batch
+        self._engine_lock = threading.Lock()
         self.tools = {plugin_key(t): t for t in tools}
         self.store = store
         self.image_dir = image_dir.resolve() if image_dir is not None else None
         self.default_plugins = self.check_plugins(default_plugins) if default_plugins is not None else list(self.tools)
+
+    def engine(self) -> BatchingEngine:
+        """The batching engine over the chat model's engine (loading it on first use)."""
+        with self._engine_lock:
+            engine = self.chat.get_engine()
+            if not isinstance(engine, BatchingEngine):
+                engine = BatchingEngine(engine, max_batch=self.max_batch)
+                self.chat = self.chat.model_copy(update={"engine": engine})
+            return engine
+
+    def batching_stats(self) -> dict[str, float]:
+        """What the batching engine has done (for the benchmark)."""
+        engine = self.chat.engine
+        if not isinstance(engine, BatchingEngine):
+            return {}
+        stats = engine.stats
+        return {"steps": stats.steps, "mean_batch": stats.mean_batch, "peak_batch": stats.peak_batch}
 
     # ------------------------------------------------------------------ switches
 
@@ -131,9 +168,9 @@ class MossService:
             raise ValueError(f"unknown plugin(s) {unknown}; this server has {sorted(self.tools)}")
         return [k for k in self.tools if k in keys]
 
-    def conversation_plugins(self, conversation_id: str) -> list[str]:
+    def conversation_plugins(self, conversation_id: str, saved: Any = ...) -> list[str]:
         """The plugin keys the conversation has switched on (the defaults for a new one)."""
-        saved = self.store.load(conversation_id)
+        saved = self.store.load(conversation_id) if saved is ... else saved
         if saved is None or saved.system is None:
             return list(self.default_plugins)
         lines = set(saved.system.split("\n"))
@@ -176,15 +213,18 @@ class MossService:
         path = self.image_dir / name
         return path if path.is_file() and not path.is_symlink() else None
 
-    def list_conversations(self, limit: int = 200) -> list[dict[str, Any]]:
-        """The stored conversations, most recent first, with a title (the first question)."""
+    def list_conversations(
+        self, visible: Callable[[str], str | None] = lambda i: i, limit: int = 200
+    ) -> list[dict[str, Any]]:
+        """The stored conversations ``visible`` names (store id -> shown id or None), most recent first."""
         out = []
-        for info in self.store.list_sessions()[:limit]:
+        shown = [(info, name) for info in self.store.list_sessions() if (name := visible(info.session_id))]
+        for info, name in shown[:limit]:
             saved = self.store.load(info.session_id)
             first = saved.records[0].turn.human if saved is not None and saved.records else ""
             out.append(
                 {
-                    "id": info.session_id,
+                    "id": name,
                     "object": "conversation",
                     "title": " ".join(first.split())[:80],
                     "created_at": info.created_at,
@@ -194,7 +234,7 @@ class MossService:
             )
         return out
 
-    def conversation(self, conversation_id: str) -> dict[str, Any] | None:
+    def conversation(self, conversation_id: str, shown_id: str | None = None) -> dict[str, Any] | None:
         """A stored conversation with its turns, images and switches, or None."""
         saved = self.store.load(conversation_id)
         if saved is None:
@@ -216,16 +256,16 @@ class MossService:
                 }
             )
         return {
-            "id": conversation_id,
+            "id": shown_id or conversation_id,
             "object": "conversation",
-            "plugins": self.conversation_plugins(conversation_id),
+            "plugins": self.conversation_plugins(conversation_id, saved),
             "turns": turns,
         }
 
     # ------------------------------------------------------------------ turns
 
     def run(self, request: TurnRequest) -> Iterator[Event]:
-        """Run one turn (on the worker thread); the last event is ``final``."""
+        """Run one turn (on a worker thread); the last event is ``final``; nothing is stored before it."""
         messages = request.messages
         humans = [i for i, m in enumerate(messages) if isinstance(m, HumanMessage)]
         if not humans:
@@ -238,46 +278,66 @@ class MossService:
             raise ValueError(
                 "the last message must be the user's; to continue a client-side tool call, send the tools too"
             )
-        if request.plugins is not None:
-            self.set_plugins(request.conversation_id, request.plugins)
-        saved = self.store.load(request.conversation_id)
-        if client_system:  # its text joins the meta instruction, as ChatMoss does; a whole MOSS system text replaces it
-            meta = _meta_part(system_text(client_system, [], style=self.chat.switch_style))
-        elif saved is not None and saved.system:
-            meta = _meta_part(saved.system)
-        else:
-            meta = fmt.META_INSTRUCTION
-        self.chat.get_engine()  # loaded once, before the per-request copy below shares it
+        keys = self.check_plugins(request.plugins) if request.plugins is not None else None
+        stage = StagedSession(self.store, request.conversation_id, from_messages(prior).turns if prior else ())
+        saved = stage.saved
+        stored_meta = _meta_part(saved.system) if saved is not None and saved.system else fmt.META_INSTRUCTION
+        # The client's system text joins the meta instruction, as ChatMoss does (a whole MOSS system text replaces
+        # it). It becomes the conversation's when the conversation starts; later, it applies to its own turn only.
+        meta = stored_meta
+        if client_system:
+            meta = _meta_part(system_text(fmt.scrub(client_system), [], style=self.chat.switch_style))
+        self.engine()  # loaded once, before the per-request copy below shares it
         chat = self.chat.model_copy(update={**request.sampling, "max_new_tokens": request.max_tokens})
+        on = keys if keys is not None else self.conversation_plugins(request.conversation_id, saved)
         if request.tools is None:
-            yield from self._plugin_turn(request, chat, meta, prior, message_text(current[0]))
+            events = self._plugin_turn(request, chat, meta, stage, on)
         else:
-            yield from self._client_turn(request, chat, meta, prior, current)
+            events = self._client_turn(request, chat, meta, stage, current)
+        for event in events:
+            if event.kind == "final" and event.data["message"]["moss"].get("stored", True):
+                if request.cancelled():
+                    return  # the client went away: a cancelled turn is not stored
+                system = None  # an existing conversation keeps its system text, unless its switches change
+                if stage.is_new or keys is not None:
+                    system = self._system(meta if stage.is_new else stored_meta, [self.tools[k] for k in on])
+                stage.commit(system)
+            yield event
 
-    def _memory(self, request: TurnRequest, system: str, tools_on: bool, prior: list[BaseMessage]) -> TokenBudgetMemory:
-        """The conversation's memory, seeded with the request's earlier turns when it has none."""
-        engine = self.chat.get_engine()
+    def _memory(self, request: TurnRequest, system: str, tools_on: bool, stage: StagedSession) -> TokenBudgetMemory:
+        """The conversation's memory on the staged session (the request's earlier turns when it has none).
+
+        A plugin turn generates twice (pass 2 continues pass 1's prompt, its output and the results), so both
+        passes and the results are kept free; a ``max_tokens`` that cannot fit is refused here, before pass 1.
+        """
+        engine = self.engine()
+        window = engine.context_window
+        if tools_on and not request.max_tokens_given:  # the server's default: lowered to fit both passes
+            request.max_tokens = max(1, min(request.max_tokens, (window - _RESULTS_ROOM - _MIN_PROMPT) // 4))
         budget = request.max_tokens * (2 if tools_on else 1) + (_RESULTS_ROOM if tools_on else 0)
-        memory = TokenBudgetMemory(
+        if budget > window - _MIN_PROMPT:
+            need = f"2 x max_tokens + {_RESULTS_ROOM} tokens of results" if tools_on else "max_tokens"
+            raise ContextBudgetError(
+                f"max_tokens={request.max_tokens} does not fit: this turn needs {need} = {budget} tokens beside "
+                f"the prompt, within the context window of {window} tokens; lower max_tokens"
+            )
+        return TokenBudgetMemory(
             engine.count_tokens,
-            context_window=engine.context_window,
-            max_new_tokens=min(budget, engine.context_window // 2),
-            store=self.store,
+            context_window=window,
+            max_new_tokens=budget,
+            store=stage,  # type: ignore[arg-type]  # reads, and notes writes, as the store would
             session_id=request.conversation_id,
             system=system,
         )
-        if prior and not len(memory):
-            for turn in from_messages(prior).turns:
-                memory.add_turn(turn)
-        return memory
 
     def _plugin_turn(
-        self, request: TurnRequest, chat: ChatMoss, meta: str, prior: list[BaseMessage], human: str
+        self, request: TurnRequest, chat: ChatMoss, meta: str, stage: StagedSession, keys: list[str]
     ) -> Iterator[Event]:
-        keys = self.conversation_plugins(request.conversation_id)
         tools = [self.tools[k] for k in keys]
         system = self._system(meta, tools)
-        memory = self._memory(request, system, bool(tools), prior)
+        memory = self._memory(request, system, bool(tools), stage)
+        chat = chat.model_copy(update={"max_new_tokens": request.max_tokens})  # lowered to fit both passes
+        human = message_text(next(m for m in reversed(request.messages) if isinstance(m, HumanMessage)))
         index = len(memory)
         agent = MossAgent(chat, tools=tools, memory=memory, system=system)
         for event in agent.stream_events_of_turn(human):
@@ -291,7 +351,7 @@ class MossService:
                 yield Event("moss", {"type": "result", **self._run(event.data)})
             elif event.type == "turn":
                 result: TurnResult = event.data
-                summary = self._summary(request.conversation_id, index, keys, result)
+                summary = self._summary(request.public_id or request.conversation_id, index, keys, result)
                 message = {"role": "assistant", "content": result.output, "moss": summary}
                 if result.inner_thoughts != fmt.NONE:
                     message["reasoning_content"] = result.inner_thoughts
@@ -327,12 +387,12 @@ class MossService:
         request: TurnRequest,
         chat: ChatMoss,
         meta: str,
-        prior: list[BaseMessage],
+        stage: StagedSession,
         current: list[BaseMessage],
     ) -> Iterator[Event]:
         tools = [convert_to_openai_tool(t) for t in request.tools or ()]
         system = self._system(meta, tools)
-        memory = self._memory(request, system, bool(tools), prior)
+        memory = self._memory(request, system, False, stage)  # one pass per request: the client runs the tools
         memory.fit(fmt.segment(fmt.HUMAN, message_text(current[0])) + fmt.THOUGHTS + ":")
         history = to_messages(fmt.MossConversation(system=system, turns=memory.turns()))
         model = chat.bind_tools(tools, tool_choice=request.tool_choice) if tools else chat
@@ -364,7 +424,7 @@ class MossService:
             done = [SystemMessage(system), *current, AIMessage(reply, additional_kwargs=extra)]
             memory.add_turn(render_messages(done, bind_tools(tools), style=chat.switch_style).turns[-1])
         summary = {
-            "conversation_id": request.conversation_id,
+            "conversation_id": request.public_id or request.conversation_id,
             "turn_index": index,
             "inner_thoughts": thoughts,
             "commands": final.additional_kwargs.get(RAW_COMMANDS),

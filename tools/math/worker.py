@@ -19,6 +19,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO, Any
 
@@ -95,130 +96,170 @@ class _Process:
 
 
 class MathWorker:
-    """Worker processes that run the jobs of ``evaluate.handle``, one at a time, each time-bounded.
+    """A pool of worker processes that run the jobs of ``evaluate.handle``, each job time-bounded.
 
-    One process answers; once it is ready a second one starts as a hot spare, so that when a job is cut
-    off the next call does not wait for a new process to import sympy.
+    ``processes`` processes answer jobs side by side, so a trivial calculation does not queue behind slow
+    solves. A job's time limit counts from the moment it is submitted: waiting for a free process uses it up,
+    so no call takes longer than its limit (plus a cold start, when no process has ever been ready). A job past
+    its limit is not waited for: its process is killed and replaced (by the hot spare when there is one, so
+    the next call does not wait for sympy to import).
 
     Args:
         target: Module of this folder whose ``handle(op, arg, options)`` serves the jobs.
+        processes: Processes answering jobs at once.
         startup_timeout: Seconds to wait for a new process to import sympy and report ready.
         memory_mb: Address-space cap of each process (POSIX only), so a runaway job cannot exhaust memory.
-        spare: Whether to keep the hot spare.
+        spare: Whether to keep one more process ready to replace a killed one.
 
     Raises:
-        ValueError: If ``startup_timeout`` or ``memory_mb`` is not positive.
+        ValueError: If ``processes``, ``startup_timeout`` or ``memory_mb`` is not positive.
     """
 
     def __init__(
         self,
         target: str = "evaluate",
         *,
+        processes: int = 2,
         startup_timeout: float = 20.0,
         memory_mb: int = 2048,
         spare: bool = True,
     ) -> None:
-        if startup_timeout <= 0 or memory_mb <= 0:
-            raise ValueError("startup_timeout and memory_mb must be positive")
+        if startup_timeout <= 0 or memory_mb <= 0 or processes < 1:
+            raise ValueError("processes, startup_timeout and memory_mb must be positive")
         self.target = target
+        self.processes = processes
         self.startup_timeout = startup_timeout
         self.memory_mb = memory_mb
         self.spare = spare
-        self._lock = threading.RLock()
-        self._active: _Process | None = None
+        self._cond = threading.Condition(threading.RLock())
+        self._idle: list[_Process] = []  # started, not running a job (possibly still importing sympy)
+        self._busy = 0
         self._spare: _Process | None = None
         self._next_id = 0
 
     def start(self) -> None:
-        """Start the worker if none is running; returns at once (it gets ready in the background)."""
-        with self._lock:
-            if self._active is None or not self._active.alive():
-                if self._active is not None:
-                    self._active.kill()
+        """Start processes up to the pool size (and the spare); returns at once (they get ready in the background)."""
+        with self._cond:
+            for dead in [p for p in self._idle if not p.alive()]:
+                dead.kill()
+                self._idle.remove(dead)
+            while len(self._idle) + self._busy < self.processes:
                 spare, self._spare = self._spare, None
-                if spare is not None and spare.alive():
-                    self._active = spare
-                else:
-                    if spare is not None:
-                        spare.kill()
-                    self._active = _Process(self.target, self.memory_mb)
+                self._idle.append(
+                    spare if spare is not None and spare.alive() else _Process(self.target, self.memory_mb)
+                )
+            if self.spare and (self._spare is None or not self._spare.alive()):
+                self._spare = _Process(self.target, self.memory_mb)
+            self._cond.notify_all()
 
     def wait_ready(self) -> bool:
-        """Start the worker and its spare if needed, and wait (each up to ``startup_timeout``) until ready.
+        """Start the pool and its spare if needed, and wait (each up to ``startup_timeout``) until ready.
 
         Returns:
-            Whether the worker can take jobs.
+            Whether every process can take jobs.
         """
-        with self._lock:
-            self.start()
-            assert self._active is not None
-            if not self._active.wait_ready(self.startup_timeout):
-                return False
-            self._start_spare()
-            return self._spare is None or self._spare.wait_ready(self.startup_timeout)
-
-    def _start_spare(self) -> None:
-        if self.spare and (self._spare is None or not self._spare.alive()):
-            self._spare = _Process(self.target, self.memory_mb)
+        self.start()
+        with self._cond:
+            procs = [*self._idle, *([self._spare] if self._spare is not None else [])]
+        return all(p.wait_ready(self.startup_timeout) for p in procs)
 
     def call(self, op: str, arg: str, options: dict[str, Any] | None = None, *, timeout: float) -> Any:
-        """Run one job in the worker.
+        """Run one job in a free worker process.
 
         Args:
             op: The job kind (``"calculate"`` or ``"solve"``).
             arg: The job's text.
             options: JSON-ready options passed on to the job.
-            timeout: Seconds the job may run, counted once the worker is ready.
+            timeout: Seconds the call may take, counted from now: waiting for a free process included.
 
         Returns:
             The job's JSON-ready result.
 
         Raises:
-            WorkerTimeout: The job ran too long; its process was killed and replaced.
+            WorkerTimeout: The job ran too long (its process was killed and replaced) or no process was free
+                within the limit.
             WorkerError: The worker could not start or died.
             ValueError: The job itself failed (``MathInputError`` and the like); the message says why.
         """
-        with self._lock:
-            self.start()
-            proc = self._active
-            assert proc is not None and proc.proc.stdin is not None
-            if not proc.wait_ready(self.startup_timeout):
-                self._discard()
-                raise WorkerError(f"the math worker did not start within {self.startup_timeout:g} s")
-            self._start_spare()
-            self._next_id += 1
-            request = {"id": self._next_id, "op": op, "arg": arg, "options": options}
+        deadline = time.monotonic() + timeout
+        proc: _Process | None = self._acquire(deadline, timeout)
+        try:
+            assert proc is not None
+            if not proc.ready:
+                # A cold start is not the call's fault: its time limit starts once a process is ready.
+                if not proc.wait_ready(self.startup_timeout):
+                    self._discard(proc)
+                    proc = None
+                    raise WorkerError(f"the math worker did not start within {self.startup_timeout:g} s")
+                deadline = max(deadline, time.monotonic() + timeout)
+            with self._cond:
+                self._next_id += 1
+                job_id = self._next_id
+            assert proc.proc.stdin is not None
             try:
-                proc.proc.stdin.write(json.dumps(request) + "\n")
+                proc.proc.stdin.write(json.dumps({"id": job_id, "op": op, "arg": arg, "options": options}) + "\n")
                 proc.proc.stdin.flush()
-                reply = proc.replies.get(timeout=timeout)
+                reply = proc.replies.get(timeout=max(deadline - time.monotonic(), 0.001))
             except queue.Empty:
-                self._discard()
+                self._discard(proc)
+                proc = None
                 raise WorkerTimeout(f"no result within the {timeout:g} s time limit") from None
             except OSError as err:
-                self._discard()
+                self._discard(proc)
+                proc = None
                 raise WorkerError(f"the math worker died: {err}") from None
-            if reply is None or reply.get("id") != self._next_id:
-                self._discard()
+            if reply is None or reply.get("id") != job_id:
+                self._discard(proc)
+                proc = None
                 raise WorkerError("the math worker died")
+        finally:
+            if proc is not None:
+                self._give_back(proc)
         if not reply.get("ok"):
             raise ValueError(reply.get("error") or "the job failed")
         return reply.get("result")
 
-    def _discard(self) -> None:
-        """Kill the active process; the spare (if any) takes over at the next call."""
-        if self._active is not None:
-            self._active.kill()
-            self._active = None
-        self.start()
+    def _acquire(self, deadline: float, timeout: float) -> _Process:
+        """A free process, ready ones first; waits until ``deadline`` for one."""
+        with self._cond:
+            self.start()
+            while True:
+                alive = [p for p in self._idle if p.alive()]
+                if len(alive) < len(self._idle):
+                    self.start()
+                    continue
+                if self._idle:
+                    ready = [p for p in self._idle if p.ready or p.wait_ready(0.0)]
+                    proc = ready[0] if ready else self._idle[0]
+                    self._idle.remove(proc)
+                    self._busy += 1
+                    return proc
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise WorkerTimeout(
+                        f"no result within the {timeout:g} s time limit: all {self.processes} math workers were busy"
+                    )
+                self._cond.wait(left)
+
+    def _give_back(self, proc: _Process) -> None:
+        with self._cond:
+            self._busy -= 1
+            self._idle.append(proc)
+            self._cond.notify()
+
+    def _discard(self, proc: _Process) -> None:
+        """Kill a process that failed its job; the spare (if any) takes its place at once."""
+        proc.kill()
+        with self._cond:
+            self._busy -= 1
+            self.start()
 
     def close(self) -> None:
         """Stop the worker processes (a later call starts new ones)."""
-        with self._lock:
-            for proc in (self._active, self._spare):
-                if proc is not None:
-                    proc.kill()
-            self._active = self._spare = None
+        with self._cond:
+            for proc in [*self._idle, *([self._spare] if self._spare is not None else [])]:
+                proc.kill()
+            self._idle, self._spare = [], None
 
 
 def _read_replies(stream: IO[str], replies: queue.Queue[dict[str, Any] | None]) -> None:
