@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from moss_agent.protocol.format import scrub
 from moss_agent.protocol.plugins import NO_RESULT, TEXT2IMAGE_DONE, TEXT_TO_IMAGE
 
-__all__ = ["DEFAULT_TEXT2IMAGE_MODEL", "TextToImageInput", "TextToImageTool"]
+__all__ = ["DEFAULT_TEXT2IMAGE_MODEL", "TextToImageInput", "TextToImageTool", "text2image_problem"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,30 @@ DEFAULT_TEXT2IMAGE_MODEL = "stabilityai/sd-turbo"
 """A small, fast text-to-image model: one step, 512×512, runs (slowly) even on a CPU."""
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+
+
+def text2image_problem(model: str = DEFAULT_TEXT2IMAGE_MODEL) -> str | None:
+    """Why the tool could not draw with ``model`` here, saying what to do; None when it can. Loads nothing.
+
+    It can when diffusers is installed and ``model`` is a diffusers folder or already in the Hugging Face cache
+    (a model that is not here is not downloaded behind the user's back: the message says how to get it).
+    """
+    if importlib.util.find_spec("diffusers") is None:
+        return "it needs diffusers: pip install 'moss-agent[image]'"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        found = (path / "model_index.json").is_file()
+        return None if found else f"{model} is not a diffusers model folder (no model_index.json)"
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(model, "model_index.json")
+    except Exception:  # not a hub id either
+        return f"{model} is neither a diffusers model folder nor a hub id"
+    if isinstance(cached, str):
+        return None
+    size = " (about 2.6 GB)" if model == DEFAULT_TEXT2IMAGE_MODEL else ""
+    return f"it needs the model {model}{size}, not on this machine: `hf download {model}`, or --image-model DIR"
 
 
 def _dtype_keyword() -> str:

@@ -34,16 +34,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         )
         model = str(demo_checkpoint(progress=_training_progress()))
         questions = questions or _demo_questions()
-        if args.plugins == ",".join(PLUGIN_KEYS):
+        if args.plugins in ("auto", ",".join(PLUGIN_KEYS)):
             args.plugins = "search,calculator,solver"  # the switches the demonstration model was trained with
-    args.temperature = 0.0
-    agent = make_agent(args, model)
-    if args.model is None:
         from moss_agent.demo.data import DemoSearchBackend
 
-        for tool in agent.tools:
-            if tool.name == "Search":
-                tool.backend = DemoSearchBackend()  # the made-up corpus the demo model learned to search
+        args.search_backend = DemoSearchBackend()  # the made-up corpus the demo model learned to search
+    args.temperature = 0.0
+    agent = make_agent(args, model)
     for question in questions or ["Hello! Who are you?", "What is 37 * 12 + 5?", "Solve 3x + 7 = 25."]:
         print(f"> {question}")
         if args.model is None:

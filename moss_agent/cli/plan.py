@@ -1,13 +1,24 @@
-"""``moss-agent plan``: what fits where, before a weight is read."""
+"""``moss-agent plan``: what fits where, before a weight is read.
+
+The table's columns, per precision: "load" is the weights alone; "turn (512)" and "full (2048)" are the
+peak memory of transformers' eager generate() with 512 and 2048 tokens of context (KV cache, float32 attention
+scores, full-sequence logits, and the allocator overhead the published MOSS figures show, which dominates). A
+serving engine with a paged KV cache (vLLM) needs far less: the weights plus the KV cache (0.8 MiB a token for
+the 16 B model in fp16).
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from moss_agent.cli import precision
+from moss_agent import settings
+from moss_agent.cli import gib_list, model_name, precision
 
 __all__ = ["add_parser"]
+
+DEFAULT_CPU_GIB = 24.0
+"""CPU RAM assumed when only ``--gpus`` describes the machine."""
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
@@ -15,8 +26,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from moss_agent.checkpoints.loading import plan_load
 
     if args.gpus is not None or args.cpu_gib is not None:
-        gpus = tuple(float(g) for g in args.gpus.split(",") if g) if args.gpus else ()
-        hardware = Hardware.simulated(gpu_gib=gpus, cpu_gib=args.cpu_gib or 24.0)
+        hardware = Hardware.simulated(gpu_gib=args.gpus or (), cpu_gib=args.cpu_gib or DEFAULT_CPU_GIB)
     else:
         hardware = inspect_hardware()
     plan = plan_load(args.model, hardware, precision=args.precision)
@@ -24,11 +34,27 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give more than 0 GiB")
+    return value
+
+
 def add_parser(sub: Any) -> None:
     """Add ``plan`` to the ``moss-agent`` subcommands."""
-    p = sub.add_parser("plan", help="print the load plan for a checkpoint on this (or described) hardware")
-    p.add_argument("model", help="checkpoint directory or hub id")
-    p.add_argument("--precision", default="auto", type=precision)
-    p.add_argument("--gpus", help="plan for GPUs of these free GiB instead, e.g. 24,24")
-    p.add_argument("--cpu-gib", type=float, help="plan for this much CPU RAM instead")
+    p = sub.add_parser(
+        "plan",
+        help="print the load plan for a checkpoint on this (or described) hardware",
+        description=(__doc__ or "").split("\n\n")[1].replace("\n", " "),
+    )
+    p.add_argument("model", type=model_name, help="checkpoint directory or hub id")
+    p.add_argument("--precision", default="auto", type=precision, help="auto, " + ", ".join(settings.PRECISIONS))
+    p.add_argument("--gpus", type=gib_list, help="plan for GPUs with this much free GiB instead, e.g. 24,24")
+    p.add_argument(
+        "--cpu-gib", type=_positive, help=f"plan for this much CPU RAM instead (with --gpus: {DEFAULT_CPU_GIB:g})"
+    )
     p.set_defaults(func=_cmd_plan)

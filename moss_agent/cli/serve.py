@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from moss_agent.cli import add_model_options, plugin_keys
+from moss_agent.cli import add_model_options, default_db
 
 __all__ = ["add_parser", "add_serve_parser"]
 
@@ -29,8 +29,7 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--api-key", default=os.environ.get("MOSS_AGENT_API_KEY"), help="bearer token (or $MOSS_AGENT_API_KEY)"
     )
-    p.add_argument("--db", default="moss-agent.sqlite3", help="SQLite file for conversations")
-    p.add_argument("--image-dir", default="moss_images", help="where Text2Image saves pictures")
+    p.add_argument("--db", default=default_db(), help="SQLite file for conversations")
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
     p.add_argument("--max-request-bytes", type=int, default=1_000_000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
@@ -50,18 +49,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from moss_agent.chat_model import ChatMoss
+    from moss_agent.cli.plugins import make_plugin_tools
     from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.memory.store import SQLiteStore
     from moss_agent.server.app import create_app
     from moss_agent.server.schemas import ServerSettings
-    from moss_agent.tools import make_tools
 
     if "://" in args.model:
         raise SystemExit(
             f"--model {args.model}: serving a remote model by URL needs a remote engine; give a checkpoint "
             "directory or hub id"
         )
-    keys = plugin_keys(args.plugins)
+    tools = make_plugin_tools(args)  # says which plugins cannot work, before the model loads
     if not args.api_key and not _loopback(args.host):
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
     print(f"Loading {args.model} ...", file=sys.stderr)
@@ -75,7 +74,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(
         ChatMoss(engine=engine),
-        tools=make_tools(keys, output_dir=args.image_dir),
+        tools=tools,
         store=SQLiteStore(args.db),
         image_dir=args.image_dir,
         settings=settings,
