@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,9 @@ __all__ = [
     "load_tokenizer",
     "moss_config",
     "read_config",
+    "read_tensors",
     "resolve_checkpoint",
+    "weight_files",
     "write_json",
     "write_moss_tokenizer",
     "write_weights",
@@ -98,22 +101,105 @@ def read_config(path: Path) -> dict[str, Any]:
         raise MossCheckpointError(f"{file} is not valid JSON: {err}") from err
 
 
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise MossCheckpointError(f"{file} is not valid JSON ({err}); re-download it") from None
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    data = _read_json(index)
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise MossCheckpointError(f"{index} has no weight_map of tensor names to files; re-download it")
+    return weight_map
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The weight files of a checkpoint in index order, each checked to be complete.
+
+    Raises:
+        MossCheckpointError: No weights, an index without ``weight_map`` or not JSON, a missing or truncated shard.
+    """
+    for index, single in WEIGHT_FILES:
+        if (path / index).is_file():
+            files = [path / f for f in dict.fromkeys(_weight_map(path / index).values())]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise MossCheckpointError(f"{path} is missing {', '.join(missing)}; re-download the checkpoint")
+            break
+        if (path / single).is_file():
+            files = [path / single]
+            break
+    else:
+        raise MossCheckpointError(
+            f"{path} has no weights: pytorch_model.bin.index.json with its pytorch_model-*.bin shards, or "
+            "model.safetensors (with an index if sharded); re-download the checkpoint"
+        )
+    for file in files:
+        _check_complete(file)
+    return files
+
+
+def _check_complete(file: Path) -> None:
+    """Refuse a truncated weight file cheaply: a zip needs its central directory, safetensors all its data."""
+    size = file.stat().st_size
+    if file.suffix == ".safetensors":
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+                header = None
+        if header is None or 8 + length + end > size:
+            raise MossCheckpointError(f"{file} is truncated or corrupt (its safetensors header or data is cut off)")
+    elif not zipfile.is_zipfile(file):  # torch.save writes a zip since torch 1.6, as the release's shards are
+        raise MossCheckpointError(f"{file} is truncated or not a torch weight file (no zip directory at its end)")
+
+
+def read_tensors(file: Path) -> Iterator[tuple[str, Any]]:
+    """The tensors of one weight file, without reading the whole file into private memory.
+
+    ``.bin`` files load with ``torch.load(weights_only=True, mmap=True)``: pickled objects other than tensors
+    are refused, never run.
+
+    Raises:
+        MossCheckpointError: A file that holds other objects or cannot be read.
+    """
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # safe_open has keys(), not iteration
+                yield name, f.get_tensor(name)
+        return
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as err:
+        raise MossCheckpointError(f"{file} holds pickled objects other than tensors; refusing to run them") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise MossCheckpointError(f"{file} cannot be read as torch weights ({err}); re-download it") from err
+    if not isinstance(state, dict):
+        raise MossCheckpointError(f"{file} is not a dictionary of tensors")
+    for name in list(state):
+        yield name, state.pop(name)
+
+
 def check_files(path: Path) -> None:
-    """Raise one error listing every missing tokenizer or weight file."""
+    """Raise one error listing every missing tokenizer or weight file, or naming a broken one."""
     missing = []
     if not (path / "tokenizer.json").is_file():
         missing += [f for f in ("vocab.json", "merges.txt") if not (path / f).is_file()]
-    for index, single in WEIGHT_FILES:
-        if (path / index).is_file():
-            shards = sorted(set(json.loads((path / index).read_text(encoding="utf-8"))["weight_map"].values()))
-            missing += [s for s in shards if not (path / s).is_file()]
-            break
-        if (path / single).is_file():
-            break
-    else:
-        missing.append("pytorch_model.bin.index.json with its pytorch_model-*.bin shards (or model.safetensors)")
     if missing:
         raise MossCheckpointError(f"{path} is missing {', '.join(missing)}; re-download the checkpoint")
+    weight_files(path)
 
 
 # ---------------------------------------------------------------- GPTQ checkpoints
@@ -173,8 +259,9 @@ def load_tokenizer(path: Path, tokenization: str = "release") -> tuple[Any, dict
 
     tok_config = path / "tokenizer_config.json"
     named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
-    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and (path / "vocab.json").is_file():
-        # Reads MOSS's files; never its remote code.
+    files = (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file()
+    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and files:
+        # Reads MOSS's files (or a fast save of them); never its remote code.
         tokenizer: Any = MossTokenizerFast.from_pretrained(path, tokenization=tokenization)  # type: ignore[arg-type]
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)

@@ -66,6 +66,8 @@ _DEFAULTS = {
 Strip = tuple[bool, bool]
 """``(lstrip, rstrip)``: whether an added token eats the whitespace on its left / right."""
 _BOTH: Strip = (True, True)
+SAVED_STRIPS_KEY = "moss_agent_added_token_strips"
+"""The ``tokenizer_config.json`` key where :meth:`MossTokenizerFast.save_pretrained` keeps the rules."""
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,8 @@ class AddedTokenRules:
         its value is an AddedToken: a serialised one (``{"__type": "AddedToken", ...}`` in
         ``tokenizer_config.json``, any object in ``special_tokens_map.json``), or a string given to the slow class
         for bos / eos / unk / pad in ``tokenizer_config.json`` (or its default). ``special_tokens_map.json`` is
-        read last and overrides; a plain string there strips on both sides, as do all other added tokens.
+        read last and overrides; a plain string there strips on both sides, as do all other added tokens. A folder
+        written by :meth:`MossTokenizerFast.save_pretrained` carries the rules under :data:`SAVED_STRIPS_KEY`.
 
         Args:
             directory: The folder with the tokenizer files.
@@ -162,9 +165,11 @@ class AddedTokenRules:
         for value in specials:  # the first AddedToken of a content decides, as in the slow tokenizer
             if isinstance(value, _Flags) and value.content not in strips:
                 strips[value.content] = value.strip
+        saved = config.get(SAVED_STRIPS_KEY) or {}  # written by save_pretrained: it has the last word
+        strips.update({str(t): (bool(s[0]), bool(s[1])) for t, s in saved.items()})
         added = _read_json(directory / "added_tokens.json")
         listed = list(added) if isinstance(added, dict) else list(extra_tokens)
-        tokens = frozenset(listed) | {v.content if isinstance(v, _Flags) else str(v) for v in specials}
+        tokens = frozenset(listed) | {v.content if isinstance(v, _Flags) else str(v) for v in specials} | set(saved)
         return cls(tokens - {""}, {t: s for t, s in strips.items() if s != _BOTH})
 
 
@@ -233,6 +238,22 @@ class MossTokenizerFast(GPT2TokenizerFast):  # type: ignore[misc]
             }
             self.added_token_rules = AddedTokenRules(frozenset(self.added_tokens_encoder), strips)
         return self.added_token_rules
+
+    def save_pretrained(self, save_directory: str | Path, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Save as the fast tokenizer does, and keep the rules in ``tokenizer_config.json``.
+
+        ``tokenizer.json`` lists the added tokens; :data:`SAVED_STRIPS_KEY` gives ``[lstrip, rstrip]`` for the
+        special tokens and for every token that does not strip on both sides, so that :meth:`from_pretrained`
+        on the saved folder cuts and strips as this tokenizer does.
+        """
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        rules = self.release_rules()
+        specials = {str(t) for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token) if t}
+        path = Path(save_directory) / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config[SAVED_STRIPS_KEY] = {t: list(rules.strips.get(t, _BOTH)) for t in sorted({*rules.strips, *specials})}
+        path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        return saved
 
     def release_pieces(self, text: str) -> list[str]:
         """The pieces the release encodes one by one: added tokens and the text between them, whitespace stripped."""

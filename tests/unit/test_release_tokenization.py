@@ -180,3 +180,16 @@ def test_mode_is_a_choice(dirs: dict[str, Path]) -> None:
     ids = tokenizer.encode("x <eom> y")
     tokenizer.tokenization = "plain"
     assert tokenizer.encode("x <eom> y") != ids
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_saved_tokenizer_loads_with_the_same_rules(dirs: dict[str, Path], variant: str, tmp_path: Path) -> None:
+    from moss_agent.checkpoints.files import load_tokenizer
+
+    tokenizer, _ = load_tokenizer(dirs[variant])
+    assert isinstance(tokenizer, MossTokenizerFast) and tokenizer.tokenization == "release"
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = load_tokenizer(tmp_path)
+    assert isinstance(again, MossTokenizerFast) and again.added_token_rules == tokenizer.added_token_rules
+    assert [again.encode(s) for s in GOLDEN["strings"]] == GOLDEN["string_ids"][variant]
+    assert load_tokenizer(dirs[variant], tokenization="plain")[0].tokenization == "plain"
