@@ -11,7 +11,7 @@ from typing import Any
 
 from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context
 from moss_agent.engines.decoding import TextTracker, common_prefix, make_generator, next_tokens
-from moss_agent.engines.kv_cache import ModelRunner
+from moss_agent.engines.kv_cache import ModelRunner, reserve
 
 __all__ = ["TransformersEngine"]
 
@@ -19,7 +19,9 @@ __all__ = ["TransformersEngine"]
 class TransformersEngine:
     """Generation with a local transformers causal LM (MOSS loads as ``CodeGenForCausalLM``).
 
-    A hand-written decode loop over ``model(...)`` with a ``DynamicCache``. A generation stops at the MOSS
+    A hand-written decode loop over ``model(...)`` with a preallocated KV cache
+    (:func:`~moss_agent.engines.kv_cache.preallocated_cache`: room for the prompt and every new token is
+    allocated once, so a step writes one position instead of copying the cache). A generation stops at the MOSS
     end tokens of ``params.stop_tokens`` (ids looked up in the tokenizer; ``stop_reason`` is the token, e.g.
     ``"<eoc>"``), at the model's end-of-sequence token otherwise (``"eos"``), at a stop string
     (``stop_reason`` is the string; the text is cut before it), at ``max_new_tokens`` or the context window
@@ -137,7 +139,8 @@ class TransformersEngine:
 
         ids, stop_ids = self._prepare(prompt, params)
         runner = self._runner
-        cache, reused = runner.checkout(ids) if self.prefix_cache else (runner.new_cache(), 0)
+        room = len(ids) + min(params.max_new_tokens, self.context_window - len(ids))
+        cache, reused = runner.checkout(ids, room) if self.prefix_cache else (runner.new_cache(room), 0)
         fed = ids[:reused]  # what the cache holds
         consistent = True  # False while a forward pass may have half-updated the cache
         todo, generated = ids[reused:], []
@@ -247,9 +250,9 @@ class TransformersEngine:
         reasons: list[str | None] = [None] * n
         with self._lock, torch.inference_mode():
             device = runner.device
-            cache, reused = self._shared_cache(rows[0][: shared + 1], n)
             suffixes = [r[shared:] for r in rows]
             width = max(len(s) for s in suffixes)
+            cache, reused = self._shared_cache(rows[0][: shared + 1], n, shared + width + params.max_new_tokens)
             ids = torch.tensor([[self._pad_id] * (width - len(s)) + s for s in suffixes], device=device)
             tail = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
             mask = torch.cat([tail.new_ones(n, shared), tail], dim=-1)
@@ -290,23 +293,25 @@ class TransformersEngine:
             out.append(Generation(text.text, reason, len(rows[r]), len(generated[r]), cached, tuple(generated[r])))
         return out
 
-    def _shared_cache(self, head: list[int], n: int) -> tuple[Any, int]:
+    def _shared_cache(self, head: list[int], n: int, room: int) -> tuple[Any, int]:
         """A cache holding ``head[:-1]`` (the rows' shared prefix) for ``n`` rows; the caller holds the lock.
 
-        The prefix is prefilled once, after what the kept cache holds of it, and kept (batch 1) for later
-        prompts. Returns the cache and how many prefix tokens came from the kept cache.
+        Each row has room for ``room`` tokens. The prefix is prefilled once, after what the kept cache holds
+        of it, and kept (batch 1) for later prompts. Returns the cache and how many prefix tokens came from the
+        kept cache.
         """
         import torch
 
         runner, prefix = self._runner, head[:-1]
         if not prefix:
-            return runner.new_cache(), 0
-        cache, reused = runner.checkout(head) if self.prefix_cache else (runner.new_cache(), 0)
+            return runner.new_cache(room), 0
+        cache, reused = runner.checkout(head, len(prefix)) if self.prefix_cache else (runner.new_cache(room), 0)
         if reused < len(prefix):
             positions = torch.arange(reused, len(prefix), device=runner.device).unsqueeze(0)
             runner.forward(torch.tensor([prefix[reused:]], device=runner.device), positions, cache)
         batch = copy.deepcopy(cache) if self.prefix_cache else cache
         if self.prefix_cache:
             runner.checkin(cache, prefix)
+        reserve(batch, room)  # before repeating: the rows' buffers are then allocated once, at full size
         batch.batch_repeat_interleave(n)
         return batch, reused
