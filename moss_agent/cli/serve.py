@@ -34,6 +34,23 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--max-request-bytes", type=int, default=1_000_000)
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request, queueing included")
     p.add_argument("--max-queue", type=int, default=64, help="most requests waiting for the model")
+    p.add_argument(
+        "--keys", metavar="FILE", help="users and their keys, one 'USER KEY' line each (each user sees only their own)"
+    )
+    p.add_argument(
+        "--admin-key",
+        default=os.environ.get("MOSS_AGENT_ADMIN_KEY"),
+        help="a key that may list, read and delete every user's conversations (or $MOSS_AGENT_ADMIN_KEY)",
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name clients use to reach the server (the public name behind a reverse proxy); repeatable",
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="most generations batched together on the model")
+    p.add_argument("--max-queue-per-user", type=int, default=None, help="most requests of one user waiting")
     p.set_defaults(func=_cmd_serve)
     return p
 
@@ -43,6 +60,31 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return host == "localhost"
+
+
+def _key_ring(args: argparse.Namespace) -> Any:
+    """The server's keys; exits when a server on a network address would have none."""
+    from moss_agent.server.users import KeyRing
+
+    try:
+        if args.keys:
+            ring = KeyRing.from_file(args.keys, api_key=args.api_key or None, admin_key=args.admin_key or None)
+        else:
+            ring = KeyRing(api_key=args.api_key or None, admin_key=args.admin_key or None)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
+    if ring.open and not _loopback(args.host):
+        raise SystemExit(
+            f"--host {args.host} is reachable from other machines: give --api-key or --keys FILE, or anyone who "
+            "can reach it could use the model and read every conversation"
+        )
+    if ring.open:
+        print(
+            "warning: no --api-key or --keys: every program of every user on this machine can use the server "
+            "(other web sites cannot: Host, Origin and JSON checks keep them out)",
+            file=sys.stderr,
+        )
+    return ring
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -61,8 +103,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "directory or hub id"
         )
     tools = make_plugin_tools(args)  # says which plugins cannot work, before the model loads
-    if not args.api_key and not _loopback(args.host):
-        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr)
+    ring = _key_ring(args)  # refuses an open server on a network address, before the model loads
     print(f"Loading {args.model} ...", file=sys.stderr)
     engine = TransformersEngine.from_pretrained(args.model, precision=args.precision)  # before the first request
     settings = ServerSettings(
@@ -71,6 +112,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_tokens_limit=args.max_tokens_limit,
         request_timeout_s=args.timeout,
         max_queue=args.max_queue,
+        keys=ring,
+        allowed_hosts=(*args.allowed_host, args.host),
+        max_batch=args.max_batch,
+        max_queue_per_user=args.max_queue_per_user,
     )
     app = create_app(
         ChatMoss(engine=engine),
