@@ -31,10 +31,28 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from langchain_core.exceptions import (
+    ModelAPIError,
+    ModelAuthenticationError,
+    ModelConnectionError,
+    ModelError,
+    ModelInvalidRequestError,
+    ModelNotFoundError,
+    ModelPermissionDeniedError,
+    ModelTimeoutError,
+)
+
 from moss_agent.engines.base import Delta, Generation, SamplingParams, StopCutter, fit_context
 from moss_agent.protocol.format import END_TOKENS, EOM
 
-__all__ = ["Dialect", "RemoteEngine", "RemoteEngineError", "ServerResponseError", "ServerUnavailableError"]
+__all__ = [
+    "Dialect",
+    "RemoteEngine",
+    "RemoteEngineError",
+    "ServerResponseError",
+    "ServerTimeoutError",
+    "ServerUnavailableError",
+]
 
 Dialect = Literal["openai", "vllm", "transformers"]
 """Which request fields beyond the OpenAI API the server takes (see :class:`RemoteEngine`)."""
@@ -48,12 +66,39 @@ class RemoteEngineError(RuntimeError):
     """The server could not be used."""
 
 
-class ServerUnavailableError(RemoteEngineError):
+class ServerUnavailableError(RemoteEngineError, ModelConnectionError):
     """No answer: connection refused, timed out, or the server stayed overloaded through every retry."""
 
 
-class ServerResponseError(RemoteEngineError):
+class ServerTimeoutError(ServerUnavailableError, ModelTimeoutError):
+    """The server sent nothing for ``timeout`` seconds."""
+
+
+class ServerResponseError(RemoteEngineError, ModelError):
     """The server refused the request or answered something that is not an OpenAI completion."""
+
+
+_STATUS_KINDS: dict[int, type[ModelError]] = {
+    400: ModelInvalidRequestError,
+    401: ModelAuthenticationError,
+    403: ModelPermissionDeniedError,
+    404: ModelNotFoundError,
+    422: ModelInvalidRequestError,
+}
+
+
+_STATUS_CLASSES: dict[type[ModelError], type[ServerResponseError]] = {}
+
+
+def _status_error(status: int) -> type[ServerResponseError]:
+    """The error for an HTTP status: also LangChain's ModelError of that status, where it has one."""
+    kind = _STATUS_KINDS.get(status, ModelAPIError if status >= 500 else None)
+    if kind is None:
+        return ServerResponseError
+    if kind not in _STATUS_CLASSES:
+        name = f"Server{kind.__name__.removeprefix('Model')}"
+        _STATUS_CLASSES[kind] = type(name, (ServerResponseError, kind), {"__module__": __name__})
+    return _STATUS_CLASSES[kind]
 
 
 class _Completion(StopCutter):
@@ -209,7 +254,7 @@ class RemoteEngine:
             except (httpx.ConnectError, httpx.ConnectTimeout) as err:
                 why = f"cannot connect ({err})"
             except httpx.TimeoutException as err:
-                raise ServerUnavailableError(
+                raise ServerTimeoutError(
                     f"{url} sent nothing for {self.timeout} s ({type(err).__name__}): raise timeout= or check the "
                     "server"
                 ) from err
@@ -219,7 +264,7 @@ class RemoteEngine:
                 detail = _error_detail(response)
                 if response.status_code not in _RETRY_STATUS:
                     hint = " (check the API key)" if response.status_code in (401, 403) else ""
-                    raise ServerResponseError(f"{url} answered {response.status_code}{hint}: {detail}")
+                    raise _status_error(response.status_code)(f"{url} answered {response.status_code}{hint}: {detail}")
                 why = f"{response.status_code}: {detail}"
                 delay = _retry_after(response, delay)
             if attempt < self.max_retries:

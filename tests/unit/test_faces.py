@@ -210,3 +210,32 @@ def test_summarization_middleware_with_a_fractional_trigger() -> None:
     assert len(over) == 1 and len(engine.prompts) == 3
     assert len(out["messages"]) <= 4 and any("summary" in t.lower() for t in texts)
     assert out["messages"][-1].content.startswith("Hello!")
+
+
+def test_remote_errors_are_langchain_model_errors() -> None:
+    import httpx
+    from langchain_core.exceptions import (
+        ModelAPIError,
+        ModelAuthenticationError,
+        ModelConnectionError,
+        ModelNotFoundError,
+    )
+
+    chat = ChatMoss(model="moss", base_url="http://127.0.0.1:9/v1", max_retries=0)
+    engine = chat.get_engine()
+
+    def serve(status: int) -> httpx.MockTransport:
+        return httpx.MockTransport(lambda request: httpx.Response(status, json={"error": {"message": "refused"}}))
+
+    kinds = [(401, ModelAuthenticationError), (404, ModelNotFoundError), (400, ModelInvalidRequestError)]
+    for status, kind in [*kinds, (500, ModelAPIError)]:
+        engine._client = httpx.Client(base_url=engine.base_url, transport=serve(status))
+        with pytest.raises(kind, match=f"answered {status}"):
+            chat.invoke("Hi")
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    engine._client = httpx.Client(base_url=engine.base_url, transport=httpx.MockTransport(refuse))
+    with pytest.raises(ModelConnectionError, match="cannot connect"):
+        chat.invoke("Hi")
