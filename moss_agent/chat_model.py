@@ -56,7 +56,10 @@ class ChatMoss(MossSettings, BaseChatModel):
     in ``additional_kwargs["reasoning_content"]`` and its commands segment in ``additional_kwargs
     ["moss_commands"]``. Malformed or unknown commands become ``invalid_tool_calls``; nothing the model writes
     raises (see ``invalid_commands``). ``with_structured_output`` works through tool calling (every ``method``
-    does).
+    does); ``response_format`` (OpenAI ``json_schema``) makes the reply JSON through a forced schema command.
+    After tool results MOSS may call tools again, up to ``max_tool_rounds`` rounds a turn (see
+    :mod:`moss_agent.rendering` for the layout). ``profile`` gives MOSS's 2,048-token window for LangChain's
+    middleware; ``truncate="left"`` drops the oldest whole turns of a conversation that outgrows it.
 
     Example:
         .. code-block:: python
@@ -130,7 +133,8 @@ class ChatMoss(MossSettings, BaseChatModel):
             tool_choice: ``None``/``"auto"`` lets MOSS choose; ``"none"`` disables tools for the call; a tool
                 name (or ``{"function": {"name": ...}}``), ``"any"``, ``"required"`` or ``True`` force a call:
                 when MOSS's pass 1 calls no fitting tool, the commands segment is prefilled with the start of the
-                command (the named tool; for ``"any"``, the tool MOSS tried, else the first one).
+                command (the named tool; for ``"any"``, the tool MOSS tried, else the first one not yet used in
+                this turn). This holds after tool results too: a forced choice always gets a tool call.
             **kwargs: Passed on to ``bind``.
 
         Raises:

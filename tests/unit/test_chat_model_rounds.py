@@ -140,11 +140,17 @@ def test_reasoning_content_is_present_whenever_pass_1_ran() -> None:
 
 
 def test_commands_written_of_a_round_travel_with_its_message() -> None:
-    engine = RuleBasedEngine()
-    bound = ChatMoss(engine=engine).bind_tools([Search, CalculatorTool()])
-    messages = _agent_loop(
-        ChatMoss(engine=engine), 'Search "Eiffel Tower height" and then calculate 330*2', [Search, CalculatorTool()]
-    )
+    question = 'Search "Eiffel Tower height" and then calculate 330*2'
+    messages = _agent_loop(ChatMoss(engine=RuleBasedEngine()), question, [Search, CalculatorTool()])
     rounds = [m.additional_kwargs.get(RAW_COMMANDS) for m in messages if isinstance(m, AIMessage) and m.tool_calls]
     assert rounds == ['Search("Eiffel Tower height")', 'Calculate("330*2")']
-    assert bound is not None
+    assert RAW_COMMANDS not in messages[-1].additional_kwargs  # the reply closes the rounds; it adds none
+
+
+def test_the_tool_rounds_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks.tool_rounds import main
+
+    main(["--rules"])
+    lines = capsys.readouterr().out.splitlines()
+    one, three = (line.split() for line in lines[-2:])
+    assert one[0] == "1" and three[0] == "3" and int(one[2]) == 0 and int(three[2]) >= 1  # called again only with 3
