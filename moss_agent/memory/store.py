@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS turns (
     PRIMARY KEY (session_id, idx)
 );
 """
+# Added beside the schema (created in any database, ignored by versions that do not know it): no version bump.
+_TITLES = """CREATE TABLE IF NOT EXISTS session_titles (
+    session_id TEXT PRIMARY KEY REFERENCES sessions(session_id) ON DELETE CASCADE, title TEXT NOT NULL)"""
 
 
 class SchemaVersionError(RuntimeError):
@@ -89,6 +92,8 @@ class SessionInfo:
     created_at: float
     updated_at: float
     num_turns: int
+    title: str | None = None
+    """The name it was given (:meth:`SQLiteStore.set_title`), if any."""
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,9 @@ class SQLiteStore:
                     if statement.strip():
                         db.execute(statement)
                 db.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-            elif version > SCHEMA_VERSION:
+            if version is None or version <= SCHEMA_VERSION:
+                db.execute(_TITLES)
+            if version is not None and version > SCHEMA_VERSION:
                 raise SchemaVersionError(
                     f"{self.path} has schema version {version}, newer than this moss-agent's "
                     f"{SCHEMA_VERSION}: upgrade moss-agent to open it"
@@ -362,6 +369,31 @@ class SQLiteStore:
             db.execute("DELETE FROM turns WHERE session_id = ?", (session_id,))
             return db.execute("DELETE FROM sessions WHERE session_id = ?", (session_id,)).rowcount > 0
 
+    def set_title(self, session_id: str, title: str | None) -> bool:
+        """Name a session (None: no name); False when there is no such session."""
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM sessions WHERE session_id = ?", (session_id,)).fetchone() is None:
+                return False
+            db.execute("DELETE FROM session_titles WHERE session_id = ?", (session_id,))
+            if title:
+                db.execute("INSERT INTO session_titles (session_id, title) VALUES (?, ?)", (session_id, title))
+            return True
+
+    def pop_turn(self, session_id: str) -> TurnRecord | None:
+        """Remove a session's last turn and return it (None when it has none), in one transaction."""
+        with self._write() as db:
+            row = db.execute(
+                "SELECT idx, human, inner_thoughts, commands, results, reply, artifacts, created_at FROM turns "
+                "WHERE session_id = ? ORDER BY idx DESC LIMIT 1",
+                (session_id,),
+            ).fetchone()
+            if row is None:
+                return None
+            db.execute("DELETE FROM turns WHERE session_id = ? AND idx = ?", (session_id, row[0]))
+        _, h, it, c, res, r, a, at = row
+        turn = fmt.MossTurn(human=h, reply=r, inner_thoughts=it, commands=c, results=res)
+        return TurnRecord(turn, None if a is None else json.loads(a), at)
+
     # ------------------------------------------------------------------ reading
 
     def load(self, session_id: str) -> StoredSession | None:
@@ -392,8 +424,9 @@ class SQLiteStore:
         """All sessions, most recently updated first."""
         with self._read() as db:
             rows = db.execute(
-                "SELECT s.session_id, s.created_at, s.updated_at, COUNT(t.idx) FROM sessions s "
-                "LEFT JOIN turns t ON t.session_id = s.session_id GROUP BY s.session_id "
+                "SELECT s.session_id, s.created_at, s.updated_at, COUNT(t.idx), n.title FROM sessions s "
+                "LEFT JOIN turns t ON t.session_id = s.session_id "
+                "LEFT JOIN session_titles n ON n.session_id = s.session_id GROUP BY s.session_id "
                 "ORDER BY s.updated_at DESC, s.session_id"
             ).fetchall()
         return [SessionInfo(*row) for row in rows]

@@ -35,6 +35,7 @@ from moss_agent.engines.base import ContextWindowExceededError
 from moss_agent.memory import ContextBudgetError
 from moss_agent.memory.store import SQLiteStore, new_session_id
 from moss_agent.messages import message_text
+from moss_agent.server.page import PAGE_FILES, parse_title
 from moss_agent.server.queue import ModelQueue, QueueFullError, RequestTimeoutError
 from moss_agent.server.schemas import (
     CONVERSATION_ID,
@@ -59,7 +60,7 @@ __all__ = ["create_app"]
 
 logger = logging.getLogger(__name__)
 
-_STATIC = {"page.js": "text/javascript", "page.css": "text/css"}
+_STATIC = PAGE_FILES
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _POLL_S = 0.1
 """How often a waiting non-streamed request checks whether its client is still there."""
@@ -302,6 +303,22 @@ def create_app(
         if not deleted:
             raise ApiError(404, f"no conversation {conversation_id!r}", type="not_found_error")
         return {"id": conversation_id, "object": "conversation.deleted", "deleted": deleted}
+
+    @api.patch("/conversations/{conversation_id}")
+    async def rename(conversation_id: str, request: Request, who: Caller) -> Any:
+        sid, title = check_id(who, conversation_id), parse_title(await read_body(request))
+        (found,) = await run_job(request, lambda: iter([service.store.set_title(sid, title)]), who, sid)
+        if not found:
+            raise ApiError(404, f"no conversation {conversation_id!r}", type="not_found_error")
+        return {"id": conversation_id, "object": "conversation", "title": title}
+
+    @api.delete("/conversations/{conversation_id}/turns/last")
+    async def drop_last_turn(conversation_id: str, request: Request, who: Caller) -> Any:
+        sid = check_id(who, conversation_id)  # regenerate: drop the last turn, then the page asks it again
+        (record,) = await run_job(request, lambda: iter([service.store.pop_turn(sid)]), who, sid)
+        if record is None:
+            raise ApiError(404, f"no turn in conversation {conversation_id!r}", type="not_found_error")
+        return {"id": conversation_id, "object": "conversation.turn.deleted", "human": record.turn.human}
 
     @api.get("/images/{name}")
     async def image(name: str) -> FileResponse:

@@ -1,9 +1,20 @@
-// The moss-agent chat page: plain JavaScript against the server's own API, no build step.
-// Text from the model is only ever set as textContent (never parsed as HTML).
+// The moss-agent chat page: plain JavaScript against the server's own API, no build step, nothing from a CDN.
+// Text from the model is rendered by markdown.js into DOM nodes, never parsed as HTML.
 "use strict";
 
-const state = { conversationId: null, plugins: new Set(), available: [], busy: false };
+const state = {
+  conversationId: null, plugins: new Set(), available: [], busy: false, controller: null, model: "moss",
+  conversations: [], retry: null,
+};
 const $ = (id) => document.getElementById(id);
+const EXAMPLES = {
+  search: "Search the web: what is the MOSS model from Fudan University?",
+  calculator: "What is 37 * 12 + 5?",
+  solver: "Solve the equation 3x + 7 = 25",
+  text2image: 'Draw a picture of "a red cat on a sofa"',
+};
+const CHAT_EXAMPLES = ["Write a haiku about the sea", "Explain recursion with a short Python example"];
+const TRACE = [["thoughts", "Inner thoughts"], ["commands", "Commands"], ["results", "Results"]];
 
 function apiKey() { return localStorage.getItem("moss-api-key") || ""; }
 
@@ -13,14 +24,26 @@ function headers(json) {
   return h;
 }
 
-async function api(path, options = {}) {
-  const response = await fetch(path, { ...options, headers: headers(options.body !== undefined) });
-  const data = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error((data.error && data.error.message) || response.statusText);
-  return data;
+class ApiFailure extends Error {
+  constructor(message, network) { super(message); this.network = network; }
 }
 
-function status(text) { $("status").textContent = text || ""; }
+async function request(path, options = {}) {
+  let response;
+  try {
+    response = await fetch(path, { ...options, headers: headers(options.body !== undefined) });
+  } catch (err) {
+    if (err.name === "AbortError") throw err;
+    throw new ApiFailure("The server can't be reached. Is moss-agent serve still running?", true);
+  }
+  if (!response.ok) {
+    const data = await response.json().catch(() => ({}));
+    throw new ApiFailure((data.error && data.error.message) || `${response.status} ${response.statusText}`, false);
+  }
+  return response;
+}
+
+async function api(path, options = {}) { return (await request(path, options)).json(); }
 
 function el(tag, cls, text) {
   const node = document.createElement(tag);
@@ -29,68 +52,191 @@ function el(tag, cls, text) {
   return node;
 }
 
+function status(text) { $("status").textContent = text || ""; }
+
+// One banner for every failure, and Retry runs what failed. A background refresh that fails too keeps the
+// banner of the failure the user saw first (and its retry).
+function showError(err, retry, background) {
+  if (background && !$("banner").hidden) return;
+  $("banner-text").textContent = err.message;
+  $("banner").hidden = false;
+  $("retry").hidden = !retry;
+  state.retry = retry || null;
+}
+
+function clearError() { $("banner").hidden = true; state.retry = null; }
+
 function scrollDown() { const m = $("messages"); m.scrollTop = m.scrollHeight; }
 
-// ---------------------------------------------------------------- messages
+function updateEmpty() {
+  const empty = !$("messages").children.length;
+  $("empty").hidden = !empty;
+  if (!empty) return;
+  const box = $("examples");
+  box.replaceChildren();
+  const prompts = [...state.plugins].map((k) => EXAMPLES[k]).filter(Boolean);
+  $("empty-note").textContent = prompts.length ? "Ask me anything. With the plugins that are on, I can for example:"
+    : "Ask me anything, for example:";
+  for (const text of prompts.length ? prompts : CHAT_EXAMPLES) {
+    const button = el("button", "example", text);
+    button.type = "button";
+    button.addEventListener("click", () => submit(text));
+    box.append(button);
+  }
+}
 
-function addUser(text) { $("messages").append(el("div", "msg user", text)); scrollDown(); }
+// ---------------------------------------------------------------- one view of a turn, live and restored
 
-function addAssistant() {
+function addUser(text) {
+  const node = el("div", "msg user", text);
+  $("messages").append(node);
+  updateEmpty();
+  scrollDown();
+  return node;
+}
+
+function addAssistant(human) {
   const box = el("div", "msg assistant");
   const reply = el("div", "reply");
   const trace = el("details", "trace");
   trace.hidden = true;
   trace.append(el("summary", null, "Inner thoughts, commands and results"));
-  box.append(reply, trace);
+  const parts = {};
+  for (const [key, label] of TRACE) {
+    const part = el("div", "trace-part " + key);
+    part.hidden = true;
+    part.append(el("h4", null, label), (parts[key] = el("pre")));
+    trace.append(part);
+  }
+  const sources = el("ol", "sources");
+  sources.hidden = true;
+  const actions = el("div", "actions");
+  box.append(reply, sources, trace, actions);
   $("messages").append(box);
   scrollDown();
-  return { box, reply, trace, images: new Set() };
+  const view = { box, reply, trace, parts, sources, actions, human, text: "", hits: [], images: new Set(), pending: 0 };
+  box.view = view;
+  return view;
 }
 
-function addTrace(view, label, text) {
-  if (!text || text === "None") return;
+function renderReply(view) {
+  view.pending = 0;
+  const image = (url, alt) => (url.startsWith("/v1/images/") ? imageNode(url, alt) : document.createTextNode(alt || url));
+  view.reply.replaceChildren(MossMarkdown.render(view.text, { sources: view.hits, image }));
+  view.sources.replaceChildren();
+  view.sources.hidden = !view.hits.length;
+  for (const hit of view.hits) {
+    const item = view.sources.appendChild(el("li"));
+    if (/^https?:\/\//i.test(hit.url || "")) {
+      const a = item.appendChild(el("a", null, hit.title || hit.url));
+      a.href = hit.url;
+      a.target = "_blank";
+      a.rel = "noopener noreferrer nofollow";
+    } else item.textContent = [hit.title, hit.url].filter(Boolean).join(" \u2014 ");
+  }
+}
+
+function appendText(view, text) {
+  view.text += text;
+  if (!view.pending) view.pending = requestAnimationFrame(() => { renderReply(view); scrollDown(); });
+}
+
+function traceAppend(view, key, text) {
+  if (!text) return;
+  const pre = view.parts[key];
+  pre.textContent += (pre.textContent ? "\n" : "") + text;
+  pre.parentElement.hidden = false;
   view.trace.hidden = false;
-  view.trace.append(el("div", "label", label), el("pre", label.toLowerCase().replace(/\W+/g, "-"), text));
 }
 
-async function addImage(view, url) {
+// The stored turn's texts: what a finished live turn shows too, so the two views are the same.
+function setTrace(view, turn) {
+  for (const [key] of TRACE) { view.parts[key].textContent = ""; view.parts[key].parentElement.hidden = true; }
+  view.trace.hidden = true;
+  traceAppend(view, "thoughts", turn.inner_thoughts && turn.inner_thoughts !== "None" ? turn.inner_thoughts : "");
+  if (turn.commands && turn.commands !== "None") {
+    traceAppend(view, "commands", turn.commands.trim());
+    traceAppend(view, "results", (turn.results || "").trim());
+  }
+}
+
+function imageNode(url, alt) {
+  const img = el("img", "generated");
+  img.alt = alt || "generated image";
+  request(url).then((r) => r.blob()).then((blob) => { img.src = URL.createObjectURL(blob); scrollDown(); })
+    .catch((err) => img.replaceWith(el("span", "label", "image unavailable: " + err.message)));
+  return img;
+}
+
+function addImage(view, url) {
   if (!url || view.images.has(url)) return;
   view.images.add(url);
-  const img = el("img", "generated");
-  img.alt = "generated image";
-  view.box.append(img);
-  try {  // fetched with the API key, then shown from a blob URL
-    const response = await fetch(url, { headers: headers(false) });
-    if (!response.ok) throw new Error(response.statusText);
-    img.src = URL.createObjectURL(await response.blob());
-  } catch (err) {
-    img.replaceWith(el("div", "label", "image unavailable: " + err.message));
+  view.box.insertBefore(imageNode(url), view.sources);
+}
+
+function searchHits(artifact) {
+  return Array.isArray(artifact) ? artifact.filter((h) => h && typeof h === "object" && "url" in h) : [];
+}
+
+function addActions(view, last) {
+  const copy = el("button", "copy", "Copy");
+  copy.type = "button";
+  copy.addEventListener("click", () => copyText(view.text, copy));
+  view.actions.replaceChildren(copy);
+  if (last) {
+    const again = el("button", "regenerate", "Regenerate");
+    again.type = "button";
+    again.addEventListener("click", () => regenerate(view));
+    view.actions.append(again);
   }
-  scrollDown();
+}
+
+function markLast() {
+  const views = [...$("messages").querySelectorAll(".msg.assistant")].map((b) => b.view);
+  views.forEach((v, i) => { if (v.done) addActions(v, i === views.length - 1); });
+}
+
+async function copyText(text, button) {
+  try {
+    await navigator.clipboard.writeText(text);
+  } catch {  // no clipboard permission (plain http on another host): the old way
+    const area = el("textarea");
+    area.value = text;
+    document.body.append(area);
+    area.select();
+    document.execCommand("copy");
+    area.remove();
+  }
+  button.textContent = "Copied";
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
 }
 
 function showTurn(turn) {
   addUser(turn.human);
-  const view = addAssistant();
-  view.reply.textContent = turn.reply;
-  addTrace(view, "Inner thoughts", turn.inner_thoughts);
-  addTrace(view, "Commands", turn.commands);
-  if (turn.commands && turn.commands !== "None") addTrace(view, "Results", turn.results.trim());
-  for (const url of turn.images) addImage(view, url);
+  const view = addAssistant(turn.human);
+  view.text = turn.reply;
+  view.hits = turn.sources || [];
+  setTrace(view, turn);
+  renderReply(view);
+  for (const url of turn.images || []) addImage(view, url);
+  view.done = true;
+  view.box.classList.add("done");
 }
 
 function showEvent(view, event) {
-  if (event.type === "thoughts") addTrace(view, "Inner thoughts", event.text);
-  else if (event.type === "command") addTrace(view, "Command", event.command);
+  if (event.type === "thoughts") traceAppend(view, "thoughts", event.text);
+  else if (event.type === "command") traceAppend(view, "commands", event.command);
   else if (event.type === "result") {
-    addTrace(view, "Result", event.error || event.output);
+    traceAppend(view, "results", event.error || event.output);
+    view.hits.push(...searchHits(event.artifact));
     addImage(view, event.image_url);
   } else if (event.type === "turn") {
+    setTrace(view, event);
     for (const url of event.images || []) addImage(view, url);
   }
 }
 
-// ---------------------------------------------------------------- sending
+// ---------------------------------------------------------------- sending, stopping, regenerating
 
 async function readEvents(response, onData) {
   const reader = response.body.getReader();
@@ -98,7 +244,7 @@ async function readEvents(response, onData) {
   let buffer = "";
   for (;;) {
     const { value, done } = await reader.read();
-    if (done) break;
+    if (done) return;
     buffer += decoder.decode(value, { stream: true });
     let cut;
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
@@ -114,87 +260,193 @@ async function readEvents(response, onData) {
   }
 }
 
+function setBusy(busy) {
+  state.busy = busy;
+  $("send").hidden = busy;
+  $("stop").hidden = !busy;
+  document.querySelectorAll(".actions button.regenerate").forEach((b) => { b.disabled = busy; });
+}
+
+function setConversation(id) {
+  state.conversationId = id;
+  const hash = id ? "#" + encodeURIComponent(id) : "";
+  if (location.hash !== hash) history.replaceState(null, "", location.pathname + location.search + hash);
+}
+
 async function send(text) {
-  state.busy = true;
-  $("send").disabled = true;
-  addUser(text);
-  const view = addAssistant();
-  status("MOSS is writing…");
-  const body = {
-    model: $("model").textContent || "moss",
-    messages: [{ role: "user", content: text }],
-    stream: true,
-    plugins: [...state.plugins],
-  };
+  clearError();
+  setBusy(true);
+  const user = addUser(text);
+  const view = addAssistant(text);
+  status("MOSS is writing\u2026");
+  const body = { model: state.model, messages: [{ role: "user", content: text }], stream: true, plugins: [...state.plugins] };
   if (state.conversationId) body.conversation_id = state.conversationId;
+  state.controller = new AbortController();
   try {
-    const response = await fetch("/v1/chat/completions", { method: "POST", headers: headers(true), body: JSON.stringify(body) });
-    if (!response.ok) {
-      const data = await response.json().catch(() => ({}));
-      throw new Error((data.error && data.error.message) || response.statusText);
-    }
+    const response = await request("/v1/chat/completions",
+      { method: "POST", body: JSON.stringify(body), signal: state.controller.signal });
     await readEvents(response, (data) => {
-      if (data.error) throw new Error(data.error.message);
-      if (data.conversation_id) state.conversationId = data.conversation_id;
+      if (data.error) throw new ApiFailure(data.error.message, false);
+      if (data.conversation_id && data.conversation_id !== state.conversationId) setConversation(data.conversation_id);
       for (const choice of data.choices || []) {
         const delta = choice.delta || {};
-        if (delta.content) { view.reply.textContent += delta.content; scrollDown(); }
+        if (delta.content) appendText(view, delta.content);
         if (delta.moss) showEvent(view, delta.moss);
       }
     });
+    renderReply(view);
+    view.done = true;
     view.box.classList.add("done");
     status("");
   } catch (err) {
-    view.box.classList.add("failed");
-    $("messages").append(el("div", "msg error", "Error: " + err.message));
-    status("");
+    renderReply(view);
+    if (err.name === "AbortError") {
+      view.box.classList.add("stopped");
+      status("Stopped.");
+    } else {
+      view.box.classList.add("failed");
+      status("");
+      showError(err, () => { user.remove(); view.box.remove(); send(text); });
+    }
   } finally {
-    state.busy = false;
-    $("send").disabled = false;
+    state.controller = null;
+    setBusy(false);
+    markLast();
     loadConversations();
   }
 }
 
-// ---------------------------------------------------------------- conversations and plugins
+function stop() {
+  if (state.controller) state.controller.abort();  // the server cancels a turn whose client went away
+}
+
+async function regenerate(view) {
+  if (state.busy || !state.conversationId) return;
+  try {
+    await api(`/v1/conversations/${encodeURIComponent(state.conversationId)}/turns/last`, { method: "DELETE" });
+  } catch (err) { showError(err, () => regenerate(view)); return; }
+  view.box.previousElementSibling.remove();
+  view.box.remove();
+  send(view.human);
+}
+
+function submit(text) {
+  text = (text || "").trim();
+  if (!text || state.busy) return;
+  $("input").value = "";
+  fitInput();
+  closeDrawer();
+  send(text);
+}
+
+function fitInput() {
+  const box = $("input");
+  box.style.height = "auto";
+  box.style.height = Math.min(box.scrollHeight + 2, window.innerHeight * 0.4) + "px";
+}
+
+// ---------------------------------------------------------------- conversations
 
 async function loadConversations() {
   try {
-    const { data } = await api("/v1/conversations");
-    const list = $("conversations");
-    list.replaceChildren();
-    for (const c of data) {
-      const item = el("li", c.id === state.conversationId ? "active" : "", c.title || "(empty)");
-      item.dataset.id = c.id;
-      item.title = `${c.num_turns} turn(s)`;
-      item.addEventListener("click", () => openConversation(c.id));
-      list.append(item);
+    state.conversations = (await api("/v1/conversations")).data;
+  } catch (err) { showError(err, init, true); return; }
+  const list = $("conversations");
+  list.replaceChildren();
+  for (const c of state.conversations) {
+    const item = el("li", c.id === state.conversationId ? "active" : "");
+    item.dataset.id = c.id;
+    const title = item.appendChild(el("span", "title", c.title || "(empty)"));
+    title.title = `${c.title || "(empty)"}\n${c.num_turns} turn(s)`;
+    title.addEventListener("click", () => openConversation(c.id));
+    for (const [cls, symbol, label, action] of [["rename", "\u270E", "Rename", startRename], ["delete", "\u2715", "Delete", remove]]) {
+      const button = el("button", cls, symbol);
+      button.type = "button";
+      button.title = label;
+      button.setAttribute("aria-label", `${label} \u201C${c.title || "(empty)"}\u201D`);
+      button.addEventListener("click", () => action(c, item));
+      item.append(button);
     }
-  } catch (err) { status(err.message); }
+    list.append(item);
+  }
+}
+
+function startRename(c, item) {
+  const input = el("input");
+  input.value = c.title || "";
+  input.setAttribute("aria-label", "New title");
+  item.replaceChildren(input);
+  input.focus();
+  input.select();
+  let done = false;
+  const finish = async (save) => {
+    if (done) return;
+    done = true;
+    const title = input.value.trim();
+    if (save && title && title !== c.title) {
+      try {
+        await api(`/v1/conversations/${encodeURIComponent(c.id)}`, { method: "PATCH", body: JSON.stringify({ title }) });
+      } catch (err) { showError(err); }
+    }
+    loadConversations();
+  };
+  input.addEventListener("keydown", (e) => {
+    if (e.key === "Enter") { e.preventDefault(); finish(true); }
+    if (e.key === "Escape") finish(false);
+  });
+  input.addEventListener("blur", () => finish(true));
+}
+
+async function remove(c) {
+  if (state.busy && c.id === state.conversationId) return;
+  if (!confirm(`Delete \u201C${c.title || "(empty)"}\u201D? This cannot be undone.`)) return;
+  try {
+    await api(`/v1/conversations/${encodeURIComponent(c.id)}`, { method: "DELETE" });
+  } catch (err) { showError(err, () => remove(c)); return; }
+  if (c.id === state.conversationId) newChat();
+  else loadConversations();
 }
 
 async function openConversation(id) {
   if (state.busy) return;
+  let conversation;
   try {
-    const conversation = await api("/v1/conversations/" + encodeURIComponent(id));
-    state.conversationId = id;
-    state.plugins = new Set(conversation.plugins);
-    renderPlugins();
-    $("messages").replaceChildren();
-    conversation.turns.forEach(showTurn);
-    loadConversations();
-  } catch (err) { status(err.message); }
+    conversation = await api("/v1/conversations/" + encodeURIComponent(id));
+  } catch (err) {
+    if (err.network) showError(err, () => openConversation(id));
+    else { setConversation(null); status(err.message); }
+    return;
+  }
+  clearError();
+  setConversation(id);
+  state.plugins = new Set(conversation.plugins);
+  renderPlugins();
+  $("messages").replaceChildren();
+  conversation.turns.forEach(showTurn);
+  markLast();
+  updateEmpty();
+  closeDrawer();
+  loadConversations();
 }
 
 function newChat() {
-  state.conversationId = null;
+  if (state.busy) return;
+  setConversation(null);
   $("messages").replaceChildren();
-  loadPlugins();
+  state.plugins = new Set(state.defaults);
+  renderPlugins();
+  updateEmpty();
+  closeDrawer();
   loadConversations();
+  $("input").focus();
 }
+
+// ---------------------------------------------------------------- plugins
 
 function renderPlugins() {
   const box = $("plugins");
   box.querySelectorAll("label").forEach((label) => label.remove());
+  box.hidden = !state.available.length;
   for (const plugin of state.available) {
     const input = el("input");
     input.type = "checkbox";
@@ -202,12 +454,12 @@ function renderPlugins() {
     input.checked = state.plugins.has(plugin.key);
     input.addEventListener("change", async () => {
       if (input.checked) state.plugins.add(plugin.key); else state.plugins.delete(plugin.key);
-      if (state.conversationId) {
-        try {
-          await api(`/v1/conversations/${encodeURIComponent(state.conversationId)}/plugins`,
-            { method: "PUT", body: JSON.stringify({ plugins: [...state.plugins] }) });
-        } catch (err) { status(err.message); }
-      }
+      updateEmpty();
+      if (!state.conversationId) return;
+      try {
+        await api(`/v1/conversations/${encodeURIComponent(state.conversationId)}/plugins`,
+          { method: "PUT", body: JSON.stringify({ plugins: [...state.plugins] }) });
+      } catch (err) { showError(err); }
     });
     const label = el("label", "plugin");
     label.title = plugin.description;
@@ -216,41 +468,72 @@ function renderPlugins() {
   }
 }
 
-async function loadPlugins() {
-  try {
-    const plugins = await api("/v1/plugins");
-    state.available = plugins.data;
-    state.plugins = new Set(plugins.default);
-    renderPlugins();
-  } catch (err) { status(err.message); }
+// ---------------------------------------------------------------- the drawer (narrow screens)
+
+function openDrawer() {
+  document.body.classList.add("drawer-open");
+  $("scrim").hidden = false;
+  $("menu").setAttribute("aria-expanded", "true");
 }
+
+function closeDrawer() {
+  document.body.classList.remove("drawer-open");
+  $("scrim").hidden = true;
+  $("menu").setAttribute("aria-expanded", "false");
+}
+
+// ---------------------------------------------------------------- start
 
 async function init() {
-  const health = await fetch("/health").then((r) => r.json());
-  $("model").textContent = health.model;
-  if (health.auth) {
-    $("key-box").hidden = false;
-    $("api-key").value = apiKey();
-    $("api-key").addEventListener("change", (e) => {
-      localStorage.setItem("moss-api-key", e.target.value);
-      loadPlugins();
-      loadConversations();
-    });
+  clearError();
+  try {
+    await start();
+  } finally {
+    document.body.dataset.ready = "1";
   }
-  $("new-chat").addEventListener("click", newChat);
-  $("composer").addEventListener("submit", (e) => {
-    e.preventDefault();
-    const text = $("input").value.trim();
-    if (!text || state.busy) return;
-    $("input").value = "";
-    send(text);
-  });
-  $("input").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey) { e.preventDefault(); $("composer").requestSubmit(); }
-  });
-  await loadPlugins();
-  await loadConversations();
-  document.body.dataset.ready = "1";
 }
 
+async function start() {
+  try {
+    const health = await api("/health");
+    state.model = health.model;
+    $("model").textContent = health.model;
+    $("model").title = health.model;
+    $("key-box").hidden = !health.auth;
+    if (health.auth && !apiKey()) {
+      showError(new Error("This server needs an API key: enter it above."));
+      return;
+    }
+    const plugins = await api("/v1/plugins");
+    state.available = plugins.data;
+    state.defaults = plugins.default;
+    if (!state.conversationId) state.plugins = new Set(plugins.default);
+    renderPlugins();
+  } catch (err) { showError(err, init); return; }
+  await loadConversations();
+  const wanted = decodeURIComponent(location.hash.slice(1));
+  if (wanted && wanted !== state.conversationId && state.conversations.some((c) => c.id === wanted)) {
+    await openConversation(wanted);
+  }
+  updateEmpty();
+}
+
+function wire() {
+  $("api-key").value = apiKey();
+  $("api-key").addEventListener("change", (e) => { localStorage.setItem("moss-api-key", e.target.value); init(); });
+  $("new-chat").addEventListener("click", newChat);
+  $("menu").addEventListener("click", openDrawer);
+  $("close-drawer").addEventListener("click", closeDrawer);
+  $("scrim").addEventListener("click", closeDrawer);
+  $("stop").addEventListener("click", stop);
+  $("retry").addEventListener("click", () => { const retry = state.retry; clearError(); if (retry) retry(); });
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); submit($("input").value); });
+  $("input").addEventListener("input", fitInput);
+  $("input").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); submit($("input").value); }
+  });
+  document.addEventListener("keydown", (e) => { if (e.key === "Escape") { closeDrawer(); if (state.busy) stop(); } });
+}
+
+wire();
 init();

@@ -226,7 +226,7 @@ class MossService:
                 {
                     "id": name,
                     "object": "conversation",
-                    "title": " ".join(first.split())[:80],
+                    "title": info.title or " ".join(first.split())[:80],
                     "created_at": info.created_at,
                     "updated_at": info.updated_at,
                     "num_turns": info.num_turns,
@@ -252,6 +252,10 @@ class MossService:
                     "commands": turn.commands,
                     "results": turn.results,
                     "images": [url for a in artifacts if (url := self.image_url(a))],
+                    # The turn's Search hits in order: <|N|> in its reply cites the N-th.
+                    "sources": [
+                        h for a in artifacts if isinstance(a, list) for h in a if isinstance(h, dict) and "url" in h
+                    ],
                     "created_at": record.created_at,
                 }
             )
