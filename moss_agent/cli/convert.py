@@ -5,14 +5,23 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from moss_agent.engines.ctranslate2 import QUANTIZATIONS
 from moss_agent.settings import DTYPES
 
 __all__ = ["add_convert_parser", "add_parser"]
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from moss_agent.checkpoints.convert import convert
+    from moss_agent.checkpoints.convert import ConversionError, convert
 
+    if args.format == "ctranslate2":
+        from moss_agent.engines.ctranslate2 import convert_ctranslate2
+
+        path = convert_ctranslate2(args.src, args.dst, quantization=args.quantization, overwrite=args.overwrite)
+        print(f"wrote {path}: CTranslate2, {args.quantization or 'weights as in the source'}")
+        return 0
+    if args.quantization is not None:
+        raise ConversionError("--quantization is for --format ctranslate2 (use --dtype for gptj / codegen)")
     report = convert(
         args.src,
         args.dst,
@@ -50,7 +59,17 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     p.add_argument("src", help="MOSS checkpoint directory or hub id")
     p.add_argument("dst", help="directory to write")
-    p.add_argument("--format", default="gptj", choices=["gptj", "codegen"], help="target architecture (gptj)")
+    p.add_argument(
+        "--format",
+        default="gptj",
+        choices=["gptj", "codegen", "ctranslate2"],
+        help="target: gptj (vLLM), codegen, or ctranslate2 (a CTranslate2 model; needs the ctranslate2 extra)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="--format ctranslate2 only: weight type (int8 is the fast one on a CPU; default: the source's)",
+    )
     p.add_argument("--dtype", choices=list(DTYPES), help="floating-point dtype to write (default: the source's)")
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard (bounds memory)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
