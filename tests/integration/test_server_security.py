@@ -232,3 +232,23 @@ def test_keys_files_with_mistakes_are_refused(tmp_path: Path) -> None:
         path.write_text(text, encoding="utf-8")
         with pytest.raises(ValueError, match=message):
             KeyRing.from_file(path)
+
+
+def test_a_plugin_turn_that_cannot_fit_both_passes_is_refused_before_pass_one(tmp_path: Path) -> None:
+    from moss_agent.tools import make_tools
+
+    engine = RuleBasedEngine()
+    store = SQLiteStore(tmp_path / "reserve.sqlite3")
+    app = create_app(engine, tools=make_tools(["calculator"]), store=store, settings=ServerSettings())
+    ask = {"model": "m", "messages": [{"role": "user", "content": 'Please calculate "6*7"'}]}
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        too_big = http.post("/v1/chat/completions", json={**ask, "max_tokens": 1024, "conversation_id": "big"})
+        assert too_big.status_code == 400 and too_big.json()["error"]["code"] == "context_length_exceeded"
+        assert "2 x max_tokens" in too_big.json()["error"]["message"]
+        assert engine.calls == [] and store.load("big") is None  # pass 1 never ran, nothing was stored
+        fits = http.post("/v1/chat/completions", json={**ask, "max_tokens": 500})
+        assert fits.status_code == 200 and fits.json()["choices"][0]["message"]["content"] == "The result is: 42"
+        default = http.post("/v1/chat/completions", json=ask)  # the server's default is lowered to fit
+        assert default.status_code == 200
+        assert len(engine.calls) == 4  # pass 1 and pass 2 of each
+        assert all(c.params.max_new_tokens * 2 + 256 <= engine.context_window - 64 for c in engine.calls)
