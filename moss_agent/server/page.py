@@ -11,6 +11,7 @@ __all__ = ["PAGE_FILES", "TITLE_LIMIT", "parse_title"]
 PAGE_FILES = {
     "page.js": "text/javascript",
     "markdown.js": "text/javascript",
+    "turn.js": "text/javascript",
     "page.css": "text/css",
     "favicon.svg": "image/svg+xml",
 }
