@@ -260,7 +260,7 @@ def load_tokenizer(path: Path, tokenization: str = "release") -> tuple[Any, dict
     tok_config = path / "tokenizer_config.json"
     named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
     files = (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file()
-    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer") and files:
+    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer", "PreTrainedTokenizerFast") and files:
         # Reads MOSS's files (or a fast save of them); never its remote code.
         tokenizer: Any = MossTokenizerFast.from_pretrained(path, tokenization=tokenization)  # type: ignore[arg-type]
     else:
