@@ -21,6 +21,7 @@ from langchain_core.messages.tool import invalid_tool_call
 
 from moss_agent import settings
 from moss_agent.engines.base import Delta, Generation, SamplingParams
+from moss_agent.faces import MossRequestError
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol import stream
 from moss_agent.protocol.format import Command
@@ -72,7 +73,9 @@ def response_schema(value: Any) -> BoundTool | None:
         return None
     spec = value
     if isinstance(value, dict) and value.get("type") == "json_object":
-        raise ValueError("ChatMoss needs a schema for JSON output: use response_format={'type': 'json_schema', ...}")
+        raise MossRequestError(
+            "ChatMoss needs a schema for JSON output: use response_format={'type': 'json_schema', ...}"
+        )
     if isinstance(value, dict) and value.get("type") == "json_schema":
         inner = value.get("json_schema") or {}
         spec = {
@@ -122,11 +125,11 @@ def prepare(chat: ChatMoss, messages: Sequence[BaseMessage], kwargs: dict[str, A
     rendered = render_messages(messages, tools, style=chat.switch_style)
     pending = rendered.pending
     if pending is None:
-        raise ValueError(
+        raise MossRequestError(
             "the last message is already MOSS's reply; end the messages with a HumanMessage or ToolMessage"
         )
     if pending.commands not in (None, fmt.NONE) and pending.results is None:
-        raise ValueError(
+        raise MossRequestError(
             "the last AIMessage has tool calls that no ToolMessage answers; add one ToolMessage per tool call "
             "(with its tool_call_id) before calling the model again"
         )

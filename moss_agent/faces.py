@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.language_models.base import LangSmithParams
 from langchain_core.utils import secret_from_env
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
@@ -22,7 +23,12 @@ from moss_agent.engines.base import Engine, SamplingParams
 from moss_agent.protocol import format as fmt
 from moss_agent.registry import EngineSlot, engine_for_token, engine_key, engine_slot, token_for_engine
 
-__all__ = ["MossSettings", "check_token_limits"]
+__all__ = ["MossRequestError", "MossSettings", "check_token_limits"]
+
+
+class MossRequestError(ModelInvalidRequestError, ValueError):
+    """A call MOSS cannot answer as asked (bad messages, options or content); LangChain's invalid request."""
+
 
 # Names people bring from other LangChain integrations, and what to use instead.
 _INSTEAD = {
@@ -55,7 +61,7 @@ def check_token_limits(values: Mapping[str, Any], where: str) -> None:
         ValueError: Naming both values.
     """
     if "max_tokens" in values and "max_new_tokens" in values and values["max_tokens"] != values["max_new_tokens"]:
-        raise ValueError(
+        raise MossRequestError(
             f"{where}: max_tokens={values['max_tokens']!r} and max_new_tokens={values['max_new_tokens']!r} "
             "are the same setting (tokens generated per pass); give one of them"
         )
@@ -78,6 +84,8 @@ class MossSettings(BaseModel):
     """Per-device memory limits for the device map, e.g. ``{0: "20GiB", "cpu": "30GiB"}``."""
     offload_folder: str | None = None
     """Folder for weights that fit nowhere else."""
+    adapter: str | None = None
+    """A LoRA adapter directory from ``moss-agent finetune``, merged into the weights when they load."""
     max_new_tokens: int = Field(default=settings.MAX_NEW_TOKENS, alias="max_tokens")
     """Upper bound on generated tokens per pass (also accepted as ``max_tokens``)."""
     temperature: float = settings.TEMPERATURE
@@ -273,7 +281,7 @@ class MossSettings(BaseModel):
     def _check_model(self, kwargs: Mapping[str, Any]) -> None:
         asked = kwargs.get("model")
         if asked is not None and asked not in (self.model, self._model_name):
-            raise ValueError(
+            raise MossRequestError(
                 f"{type(self).__name__} serves one loaded model ({self._model_name}); a per-call model={asked!r} "
                 "is not supported: create another instance for that model"
             )

@@ -19,9 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from langchain_core.exceptions import ModelInvalidRequestError
 from langchain_core.messages import BaseMessage
 
+from moss_agent.faces import MossRequestError
 from moss_agent.messages import _build_turn, _group, round_segments
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol import plugins as _plugins
@@ -33,7 +33,7 @@ __all__ = ["PendingTurn", "RenderedChat", "UnsupportedContentError", "check_cont
 _NOT_TEXT = {"image", "image_url", "input_image", "file", "audio", "input_audio", "video", "document"}
 
 
-class UnsupportedContentError(ModelInvalidRequestError, ValueError):
+class UnsupportedContentError(MossRequestError):
     """A message carries content MOSS cannot read (images, audio, files): MOSS reads text only."""
 
 
@@ -191,7 +191,7 @@ def render_messages(
         UnsupportedContentError: On image, audio or file content.
     """
     if not messages:
-        raise ValueError("MOSS needs at least one message")
+        raise MossRequestError("MOSS needs at least one message")
     check_content(messages)
     systems, _, turns = _group(messages, scrub_untrusted, lambda call: command_for_tool_call(call, tools))
     system = system_text("\n".join(systems) or None, tools, style=style)

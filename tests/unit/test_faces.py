@@ -65,6 +65,16 @@ def test_remote_settings_reach_the_remote_engine(monkeypatch: pytest.MonkeyPatch
     assert (engine.timeout, engine.max_retries, engine.api_key) == (7.5, 0, "from-env")
 
 
+def test_request_errors_are_langchain_invalid_requests() -> None:
+    chat = ChatMoss(engine=ScriptedEngine(["never"]))
+    with pytest.raises(ModelInvalidRequestError, match="already MOSS's reply"):
+        chat.invoke([HumanMessage("hi"), AIMessage("hello")])
+    with pytest.raises(ModelInvalidRequestError, match="per-call model"):
+        chat.invoke("hi", model="other")
+    with pytest.raises(ValueError, match="same setting"):  # still ValueErrors, as before
+        chat.invoke("hi", max_tokens=1, max_new_tokens=2)
+
+
 def test_image_blocks_raise_a_clear_error() -> None:
     chat = ChatMoss(engine=ScriptedEngine(["never"]))
     image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
