@@ -228,9 +228,8 @@ class MossSettings(BaseModel):
             "max_memory": self.max_memory,
             "offload_folder": self.offload_folder,
         }
-        adapter = getattr(self, "adapter", None)  # a LoRA adapter, where the face has that setting
-        if adapter is not None:
-            kwargs["adapter"] = adapter
+        if self.adapter is not None:  # passed only when set: the key of a plain checkpoint stays the same
+            kwargs["adapter"] = self.adapter
         return kwargs
 
     # ------------------------------------------------------------------ copies and pickles

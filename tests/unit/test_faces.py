@@ -131,6 +131,15 @@ def test_faces_copies_and_configurable_fields_share_one_engine(loads: list[str],
     assert loads == [path, path]
 
 
+def test_the_adapter_is_part_of_the_engine_key(loads: list[str], tmp_path) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    base = ChatMoss(model=str(tmp_path))
+    tuned = ChatMoss(model=str(tmp_path), adapter=str(adapter))
+    assert base.get_engine() is not tuned.get_engine() and len(loads) == 2
+    assert MossLLM(model=str(tmp_path), adapter=str(adapter) + "/").get_engine() is tuned.get_engine()
+
+
 def test_an_explicit_engine_wins(loads: list[str]) -> None:
     engine = RuleBasedEngine()
     assert ChatMoss(model="some/where", engine=engine).get_engine() is engine and loads == []
