@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
+from langchain_core.runnables import ConfigurableField
 
 from moss_agent.chat_model import ChatMoss
 from moss_agent.llm import MossLLM
@@ -34,7 +36,9 @@ def shard_reads(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> tuple[Path, 
     return path, reads
 
 
-def test_faces_copies_and_pickles_read_the_weights_once(shard_reads: tuple[Path, list[str]]) -> None:
+def test_faces_copies_pickles_and_configurable_fields_read_the_weights_once(
+    shard_reads: tuple[Path, list[str]],
+) -> None:
     path, reads = shard_reads
     chat = ChatMoss(model=str(path), do_sample=False, max_tokens=4, device_map="cpu")
     chat.invoke("Hello")
@@ -45,7 +49,10 @@ def test_faces_copies_and_pickles_read_the_weights_once(shard_reads: tuple[Path,
     ChatMoss(model=str(path) + "/", temperature=0.2, max_tokens=4, device_map="cpu").invoke("Hello")
     chat.model_copy(update={"max_new_tokens": 3}).invoke("Hello")
     pickle.loads(pickle.dumps(chat)).invoke("Hello")
-    assert sorted(reads) == shards  # the four faces above read nothing more
+    copy.deepcopy(chat).invoke("Hello")
+    tuned = chat.configurable_fields(temperature=ConfigurableField(id="temperature"))
+    tuned.invoke("Hello", config={"configurable": {"temperature": 0.3}})
+    assert sorted(reads) == shards  # the faces above read nothing more
     engine = chat.get_engine()
     assert MossLLM(model=str(path), device_map="cpu").get_engine() is engine
 
