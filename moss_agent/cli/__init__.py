@@ -163,12 +163,13 @@ def add_model_options(p: argparse.ArgumentParser, *, required: bool) -> None:
 
     p.add_argument("--model", required=required, type=model_name, help="checkpoint directory or hub id")
     p.add_argument("--precision", default="auto", type=precision, help="auto, " + ", ".join(settings.PRECISIONS))
+    p.add_argument("--adapter", help="a LoRA adapter directory from `moss-agent finetune`, merged in at load")
     add_plugin_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``moss-agent``."""
-    from moss_agent.cli import chat, convert, demo, plan, serve
+    from moss_agent.cli import chat, convert, demo, finetune, plan, serve
 
     parser = MossArgumentParser(
         prog="moss-agent",
@@ -178,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for command in (plan, chat, demo, convert, serve):
+    for command in (plan, chat, demo, convert, serve, finetune):
         command.add_parser(sub)
     return parser
 

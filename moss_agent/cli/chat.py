@@ -110,6 +110,7 @@ def _chat_model(args: argparse.Namespace, model: str) -> Any:
     return ChatMoss(
         model=model,
         precision=args.precision,
+        adapter=getattr(args, "adapter", None),
         temperature=args.temperature,
         do_sample=args.temperature > 0,
         max_tokens=args.max_new_tokens,
