@@ -58,8 +58,9 @@ CALL_OPTIONS: dict[str, str] = {
 
 # ---------------------------------------------------------------- loading
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "int4")
-"""What a checkpoint can be loaded as (besides ``auto``, which lets the load plan choose)."""
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16", "int8", "int4", "gptq")
+"""What a checkpoint can be loaded as (besides ``auto``, which lets the load plan choose); ``gptq`` keeps a GPTQ
+checkpoint's packed weights (transformers' GPTQ integration)."""
 
 PRECISION_ALIASES: dict[str, str] = {
     "float32": "fp32",

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import os
 import shutil
 import tempfile
@@ -31,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from moss_agent.checkpoints.files import ShardWriter, write_json
+from moss_agent.checkpoints.files import ShardWriter, read_tensors, weight_files, write_json
+from moss_agent.checkpoints.gptq import PackedLinear, dequantized, packed_linears, quantization_config, select_outputs
 from moss_agent.protocol import format as fmt
 from moss_agent.settings import DTYPES, RELEASE_SAMPLING
 
@@ -120,49 +120,22 @@ def split_qkv(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return q, k, v
 
 
-def _shard_files(src: Path) -> list[Path]:
-    """The weight files of a checkpoint, in index order."""
-    for index, single in (
-        ("model.safetensors.index.json", "model.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-    ):
-        if (src / index).is_file():
-            weight_map = json.loads((src / index).read_text(encoding="utf-8"))["weight_map"]
-            files = [src / f for f in dict.fromkeys(weight_map.values())]
-            missing = [f.name for f in files if not f.is_file()]
-            if missing:
-                raise ConversionError(f"{src} is missing {', '.join(missing)}; re-download the checkpoint")
-            return files
-        if (src / single).is_file():
-            return [src / single]
-    raise ConversionError(f"{src} has no weights (pytorch_model*.bin or model*.safetensors, with an index if sharded)")
-
-
-def _tensors(file: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """The tensors of one weight file, without reading the whole file into private memory."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():  # safe_open has keys(), not iteration
-                yield name, f.get_tensor(name)
-        return
-    import pickle
-
+def _qkv_outputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The output rows of CodeGen's fused qkv that make GPT-J's q, k and v (as :func:`split_qkv` takes them)."""
     import torch
 
-    try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-        state = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) file: read whole
-    except pickle.UnpicklingError as err:
-        raise ConversionError(f"{file} holds pickled objects other than tensors; refusing to run them") from err
-    names = list(state)
-    for name in names:
-        yield name, state.pop(name)
-    del state
+    rows = torch.arange(3 * n).reshape(MP_NUM, 3, n // MP_NUM)  # group, [q | v | k], rows of the group
+    q, v, k = (rows[:, i].reshape(n) for i in range(3))
+    return q, k, v
+
+
+def _packed(stem: str, layer: PackedLinear, target: Format) -> list[tuple[str, torch.Tensor]]:
+    """The standard GPTQ tensors of one packed Linear; GPT-J's q / k / v repacked along the output features."""
+    if target == "gptj" and stem.endswith(".attn.qkv_proj"):
+        base = stem[: -len("qkv_proj")]
+        parts = zip(("q_proj", "k_proj", "v_proj"), _qkv_outputs(layer.in_features), strict=True)
+        return [item for name, rows in parts for item in select_outputs(layer, rows).tensors(f"{base}{name}.").items()]
+    return list(layer.tensors(f"{stem}.").items())
 
 
 def _rename(name: str, tensor: torch.Tensor, target: Format) -> list[tuple[str, torch.Tensor]]:
@@ -215,9 +188,9 @@ def _write_tokenizer(src: Path, out: Path, n_positions: int) -> tuple[int | None
     return tokenizer.bos_token_id, end_ids[fmt.EOM], len(tokenizer)
 
 
-def _check_source(src: Path, config: dict[str, Any]) -> None:
-    from moss_agent.checkpoints.loading import gptq_bits, gptq_error
-    from moss_agent.checkpoints.plan import ModelSpec
+def _check_source(src: Path, config: dict[str, Any]) -> int | None:
+    """The GPTQ bits of a source (None when not quantised); ConversionError for what does not convert."""
+    from moss_agent.checkpoints.files import gptq_bits
 
     kind = config.get("model_type")
     if kind == "gptj":
@@ -226,8 +199,7 @@ def _check_source(src: Path, config: dict[str, Any]) -> None:
         raise ConversionError(
             f"{src} has model_type {kind!r}: only MOSS (moss-moon-003) and CodeGen checkpoints convert"
         )
-    if gptq_bits(src, config):
-        raise gptq_error(ModelSpec.from_config(config, name=src.name), src)
+    return gptq_bits(src, config, src.name)
 
 
 # ---------------------------------------------------------------- conversion
@@ -242,6 +214,7 @@ def convert(
     max_shard_size: int = DEFAULT_SHARD_SIZE,
     overwrite: bool = False,
     verify: bool = False,
+    keep_quantization: bool = False,
 ) -> ConversionReport:
     """Convert a MOSS checkpoint to a standard GPT-J or CodeGen checkpoint that needs no remote code.
 
@@ -253,7 +226,10 @@ def convert(
         max_shard_size: Bytes per output shard; bounds the private memory of the conversion.
         overwrite: Replace ``dst`` if it exists.
         verify: Compare the converted model's logits with the source's on :data:`PROBE` (loads each model once,
-            one after the other).
+            one after the other; GPTQ sides are dequantised exactly, so they must agree as closely as fp16 ones).
+        keep_quantization: For a GPTQ source (the -int4 / -int8 releases): write standard GPTQ tensors with a
+            ``quantization_config`` (transformers' GPTQ integration, vLLM) instead of dequantised weights in
+            ``dtype``; GPT-J's q / k / v are unpacked and repacked along the output features.
 
     Returns:
         What was written, with the verification figures when ``verify``.
@@ -261,7 +237,6 @@ def convert(
     Raises:
         ConversionError: A source that is not a MOSS / CodeGen checkpoint, an existing ``dst``, a bad argument,
             or logits that differ beyond tolerance.
-        UnsupportedCheckpointError: For GPTQ-quantised sources (convert the fp16 release).
     """
     import torch
 
@@ -274,11 +249,17 @@ def convert(
         raise ConversionError(f"dtype must be one of {', '.join(DTYPES)} (or a torch float name), got {dtype!r}")
     source = resolve_checkpoint(src)
     config = read_config(source)
-    _check_source(source, config)
+    bits = _check_source(source, config)
+    if keep_quantization and not bits:
+        raise ConversionError(f"{source} is not a GPTQ checkpoint: keep_quantization applies to the -int4 / -int8 ones")
+    if keep_quantization and torch_dtype not in (None, torch.float16):
+        raise ConversionError("GPTQ tensors keep float16 scales: leave the dtype out or choose fp16")
+    if bits and torch_dtype is None:
+        torch_dtype = torch.float16  # as the release's GPTQ checkpoints hold wte, norms and lm_head
     target = Path(dst).expanduser()
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise ConversionError(f"{target} exists and is not empty: choose another directory or pass overwrite=True")
-    files = _shard_files(source)
+    files = weight_files(source)
 
     started = time.perf_counter()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -287,20 +268,31 @@ def convert(
         bos, eos, n_tokens = _write_tokenizer(source, tmp, int(config.get("n_positions", 2048)))
         writer = ShardWriter(tmp, "safetensors", max_shard_size)
         written_dtype: torch.dtype | None = torch_dtype
-        for file in files:
-            for name, tensor in _tensors(file):
-                for out_name, out in _rename(name, tensor, format):
-                    if out.is_floating_point():
-                        out = out if torch_dtype is None else out.to(torch_dtype)
-                        written_dtype = written_dtype or out.dtype
-                    if out_name == "lm_head.bias" and out.shape[0] > n_tokens:
-                        out = out.clone()  # never write into the mapped source
-                        out[n_tokens:] = PADDING_BIAS
-                    writer.add(out_name, out)
-                del tensor
+        tensors: Iterator[tuple[str, Any]] = (item for file in files for item in read_tensors(file))
+        if bits and not keep_quantization:
+            tensors = dequantized(tensors, torch_dtype or torch.float16)
+        elif bits:
+            tensors = (
+                pair
+                for name, item in packed_linears(tensors)
+                for pair in (_packed(name, item, format) if isinstance(item, PackedLinear) else [(name, item)])
+            )
+        for name, tensor in tensors:
+            for out_name, out in _rename(name, tensor, format):
+                if out.is_floating_point():
+                    out = out if torch_dtype is None else out.to(torch_dtype)
+                    written_dtype = written_dtype or out.dtype
+                if out_name == "lm_head.bias" and out.shape[0] > n_tokens:
+                    out = out.clone()  # never write into the mapped source
+                    out[n_tokens:] = PADDING_BIAS
+                writer.add(out_name, out)
+            del tensor
         shards = writer.finish()
         dtype_name = str(written_dtype or torch.float16).removeprefix("torch.")
-        write_json(tmp / "config.json", _model_config(config, format, dtype_name, bos, eos))
+        model_config = _model_config(config, format, dtype_name, bos, eos)
+        if keep_quantization:
+            model_config["quantization_config"] = quantization_config(bits or 4)
+        write_json(tmp / "config.json", model_config)
         generation = {"bos_token_id": bos, "eos_token_id": eos, **RELEASE_SAMPLING, "max_new_tokens": 512}
         write_json(tmp / "generation_config.json", generation)
         if target.exists():
@@ -362,8 +354,13 @@ def verify_conversion(
     from moss_agent.checkpoints.loading import read_config, resolve_checkpoint
 
     converted = Path(dst)
-    dtype = str(read_config(converted).get("torch_dtype", "float32"))
+    from moss_agent.checkpoints.spec import declared_wbits
+
+    target_config = read_config(converted)
+    dtype = str(target_config.get("torch_dtype", "float32"))
     precision = {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
+    if declared_wbits(target_config):  # both sides dequantised exactly: compare in fp32
+        dtype, precision = "float32", "fp32"
     reference = _probe_logits(resolve_checkpoint(src), precision, probe)
     logits = _probe_logits(converted, precision, probe)
     diff = float((logits - reference).abs().max())

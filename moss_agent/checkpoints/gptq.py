@@ -46,8 +46,12 @@ __all__ = [
 
 GROUP_SIZE = 128
 """Inputs per quantisation group in the MOSS releases."""
-QUANTIZED_LINEARS = ("attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out")
-"""The Linears of each block that the releases quantise; wte, the layer norms and lm_head stay fp16."""
+QUANTIZED_LINEARS = (
+    *("attn.qkv_proj", "attn.out_proj", "mlp.fc_in", "mlp.fc_out"),
+    *("attn.q_proj", "attn.k_proj", "attn.v_proj"),
+)
+"""The Linears of each block that the releases quantise (and GPT-J's q / k / v after conversion); wte, the layer
+norms and lm_head stay fp16."""
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 _BIASED = ("mlp.fc_in", "mlp.fc_out")  # CodeGen's attention Linears have no bias
 
@@ -211,16 +215,18 @@ def quantize(
     quantiser without the error-compensating updates of GPTQ itself.
 
     Raises:
-        GPTQError: When ``in`` is not a multiple of ``group_size`` or of ``32 / bits``.
+        GPTQError: When ``in`` is not a multiple of ``32 / bits``, or ``bits`` is not 2, 4 or 8.
     """
     import torch
 
     out, inn = weight.shape
-    if inn % group_size or bits not in (2, 4, 8):
-        raise GPTQError(f"{inn} inputs are not a multiple of the group size {group_size}, or bits {bits} not 2/4/8")
+    if bits not in (2, 4, 8) or inn % (32 // bits):
+        raise GPTQError(f"{inn} inputs do not fill whole {bits}-bit words (bits must be 2, 4 or 8)")
     maxq = 2**bits - 1
     w = weight.float()
-    grouped = w.reshape(out, inn // group_size, group_size)
+    groups = -(-inn // group_size)  # the last group may be short, as QuantLinear allows
+    padded = torch.nn.functional.pad(w, (0, groups * group_size - inn))  # zeros: the range includes 0 anyway
+    grouped = padded.reshape(out, groups, group_size)
     lo = grouped.min(-1).values.clamp(max=0)
     hi = grouped.max(-1).values.clamp(min=0)
     scale = ((hi - lo) / maxq).clamp(min=1e-8)  # (out, groups), float32

@@ -14,11 +14,19 @@ from __future__ import annotations
 import importlib.util
 import os
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from moss_agent.checkpoints.files import check_files, gptq_bits, load_tokenizer, read_config, resolve_checkpoint
+from moss_agent.checkpoints.files import (
+    check_files,
+    gptq_bits,
+    load_tokenizer,
+    read_config,
+    read_tensors,
+    resolve_checkpoint,
+    weight_files,
+)
 from moss_agent.checkpoints.hardware import Hardware
 from moss_agent.checkpoints.plan import (
     REFERENCE_CONTEXT,
@@ -28,7 +36,7 @@ from moss_agent.checkpoints.plan import (
     ModelSpec,
     MossCheckpointError,
     UnsupportedCheckpointError,
-    gptq_error,
+    gptq_available,
     plan_load,
 )
 
@@ -39,7 +47,6 @@ __all__ = [
     "MossCheckpointError",
     "UnsupportedCheckpointError",
     "gptq_bits",
-    "gptq_error",
     "load_moss",
     "load_tokenizer",
     "plan_load",
@@ -147,6 +154,44 @@ def _device_map(plan: LoadPlan, device_map: str | dict[str, Any]) -> Any:
     return {"": device_map}
 
 
+def _load_dequantized(path: Path, hf_config: Any, model_class: Any, plan: LoadPlan, device_map: Any) -> Any:
+    """A GPTQ checkpoint with every packed Linear dequantised exactly, each tensor placed as it is made."""
+    import torch
+    from accelerate import dispatch_model, init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+
+    from moss_agent.checkpoints.gptq import dequantized
+
+    if not isinstance(device_map, dict):  # an accelerate strategy: the plan's map instead
+        device_map = plan.hf_device_map()
+    if "disk" in device_map.values():
+        raise InsufficientMemoryError(
+            f"{path}: a dequantised GPTQ checkpoint cannot be offloaded to disk; convert it first "
+            "(moss-agent convert SRC DST --dtype fp16) and load the result with an offload folder"
+        )
+    dtype = getattr(torch, plan.dtype)
+    with init_empty_weights(include_buffers=False):
+        net = model_class(hf_config)
+    params = dict(net.named_parameters())
+
+    def device_of(name: str) -> Any:
+        owner = max((m for m in device_map if m == "" or name == m or name.startswith(f"{m}.")), key=len)
+        where = device_map[owner]
+        return f"cuda:{where}" if isinstance(where, int) else where
+
+    tensors = (item for file in weight_files(path) for item in read_tensors(file))
+    for name, tensor in dequantized(tensors, dtype):
+        if name in params:
+            set_module_tensor_to_device(net, name, device_of(name), value=tensor, dtype=dtype)
+    missing = [n for n, p in net.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise MossCheckpointError(f"{path} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}")
+    devices = set(device_map.values())
+    if len(devices) > 1:
+        return dispatch_model(net, device_map=device_map)
+    return net.to(device_of(next(iter(params))))  # the buffers (rotary table, masks) too
+
+
 def load_moss(
     model: str | os.PathLike[str],
     *,
@@ -159,6 +204,7 @@ def load_moss(
     turn_tokens: int = TURN_TOKENS,
     batch: int = 1,
     tokenization: str = "release",
+    adapter: str | os.PathLike[str] | None = None,
 ) -> LoadedMoss:
     """Load a MOSS (or CodeGen / GPT-J) checkpoint for generation, planned for the hardware first.
 
@@ -178,6 +224,8 @@ def load_moss(
         tokenization: ``release`` (the default): the tokenizer gives the ids of the release's own tokenizer
             (whitespace next to added tokens stripped, see :mod:`moss_agent.checkpoints.tokenization`);
             ``plain``: plain BPE around the added tokens.
+        adapter: A LoRA adapter directory (from ``moss-agent finetune``), merged into the weights after loading
+            (kept as a peft wrapper on a bitsandbytes-quantised model).
 
     Returns:
         The model, tokenizer, plan and end-token ids.
@@ -187,13 +235,17 @@ def load_moss(
         UnsupportedCheckpointError: GPTQ-quantised checkpoints (the message names the alternative).
         InsufficientMemoryError: When the plan cannot fit one turn (before any weight is read).
     """
+    if adapter is not None:
+        from moss_agent.checkpoints.adapters import check_adapter
+
+        check_adapter(adapter)  # a wrong path fails before minutes of loading
     local = Path(model).expanduser().is_dir()
     path = resolve_checkpoint(model, weights=False)
     config = read_config(path)
     spec = ModelSpec.from_config(config, name=path.name if local else str(model))
     bits = gptq_bits(path if local else None, config, spec.name)
     if bits:
-        raise gptq_error(spec, path if local else None, bits)
+        spec = replace(spec, wbits=bits)
     if local:
         check_files(path)
     from moss_agent.checkpoints.hardware import inspect_hardware
@@ -212,6 +264,18 @@ def load_moss(
     import torch
 
     hf_config, model_class = _hf_config(path, config)
+    if spec.wbits and plan.precision != "gptq":
+        net = _load_dequantized(path, hf_config, model_class, plan, _device_map(plan, device_map))
+        return LoadedMoss(net.eval(), tokenizer, plan, end_ids, path)
+    if plan.precision == "gptq":
+        if not gptq_available():
+            raise ImportError(
+                'precision="gptq" needs transformers\' GPTQ integration: pip install gptqmodel optimum (gptqmodel '
+                'compiles its kernels); or load the checkpoint dequantised with precision="fp16"'
+            )
+        from moss_agent.checkpoints.gptq import quantization_config
+
+        hf_config.quantization_config = quantization_config(spec.wbits or 4)  # bits from the tensors
     kwargs: dict[str, Any] = {"config": hf_config, "dtype": getattr(torch, plan.dtype)}
     kwargs["device_map"] = _device_map(plan, device_map)
     if max_memory is not None and isinstance(kwargs["device_map"], str):
@@ -232,5 +296,9 @@ def load_moss(
         raise
     if plan.quantization == "int4":
         _quantize_embedding(net, getattr(torch, plan.dtype))
+    if adapter is not None:
+        from moss_agent.checkpoints.adapters import apply_adapter
+
+        net = apply_adapter(net, adapter)
     net.eval()
     return LoadedMoss(net, tokenizer, plan, end_ids, path)

@@ -53,7 +53,11 @@ def declared_wbits(config: Mapping[str, Any], name: str = "config.json") -> int 
     Raises:
         MossCheckpointError: When ``wbits`` is not an integer.
     """
-    wbits = config.get("wbits")
+    quant = config.get("quantization_config")
+    if isinstance(quant, Mapping) and quant.get("quant_method") == "gptq":  # a standard GPTQ checkpoint
+        wbits = quant.get("bits")
+    else:
+        wbits = config.get("wbits")
     if wbits is None:
         return None
     if isinstance(wbits, bool) or not isinstance(wbits, int) or wbits < 1:
@@ -97,17 +101,27 @@ class ModelSpec:
                 "checkpoints "
                 f"(model_type 'moss', as fnlp/moss-moon-003-sft) and CodeGen / GPT-J ones ('codegen', 'gptj')"
             )
-        d = int(config["n_embd"])
+        where = f"{name or 'checkpoint'} config.json"
+
+        def size(key: str, default: int | None = None) -> int:
+            value = config.get(key)
+            if value is None and default is not None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MossCheckpointError(f"{where}: {key} must be a positive integer, got {value!r}")
+            return value
+
+        d = size("n_embd")
         return cls(
             name=name or str(config.get("_name_or_path") or "model"),
             model_type=model_type,
-            n_layer=int(config["n_layer"]),
+            n_layer=size("n_layer"),
             n_embd=d,
-            n_head=int(config["n_head"]),
-            n_inner=int(config.get("n_inner") or 4 * d),
-            vocab_size=int(config["vocab_size"]),
-            n_positions=int(config.get("n_positions") or REFERENCE_CONTEXT),
-            wbits=declared_wbits(config, name or "config.json"),
+            n_head=size("n_head"),
+            n_inner=size("n_inner", 4 * d),
+            vocab_size=size("vocab_size"),
+            n_positions=size("n_positions", REFERENCE_CONTEXT),
+            wbits=declared_wbits(config, where),
         )
 
     @property
@@ -136,9 +150,20 @@ class ModelSpec:
         """Learned parameters."""
         return sum(m + s for m, _, s in (self._parts(x) for x in self.modules()))
 
+    def _gptq_block_bytes(self) -> int:
+        """A block as the GPTQ releases store it: packed Linears with fp16 scales, packed zeros and int32 g_idx."""
+        d, inner, bits = self.n_embd, self.n_inner, self.wbits or 4
+        total = 2 * 2 * d  # ln_1
+        for n_in, n_out, bias in ((d, 3 * d, False), (d, d, False), (d, inner, True), (inner, d, True)):
+            groups = -(-n_in // 128)
+            total += n_in * n_out * bits // 8 + groups * n_out * (16 + bits) // 8 + 4 * n_in + 2 * n_out * bias
+        return total
+
     def module_bytes(self, module: str, precision: str, offloaded: bool = False) -> int:
-        """Stored bytes of ``module``; offloaded modules stay unquantised (as bitsandbytes keeps them)."""
+        """Stored bytes of ``module``; modules offloaded by bitsandbytes stay unquantised, as it keeps them."""
         mat, rows, small = self._parts(module)
+        if precision == "gptq":  # kept packed wherever it is; wte, the norms and lm_head in fp16
+            return self._gptq_block_bytes() if module.startswith("transformer.h.") else 2 * (mat + small)
         if precision == "fp32":
             return 4 * (mat + small)
         if precision in ("bf16", "fp16") or offloaded:

@@ -30,6 +30,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         max_shard_size=int(args.max_shard_size * 1024**3),
         overwrite=args.overwrite,
         verify=args.verify,
+        keep_quantization=args.keep_quantization,
     )
     print(
         f"wrote {report.path}: {report.format}, {report.dtype}, {report.parameters:,} parameters in "
@@ -70,7 +71,16 @@ def add_convert_parser(subparsers: Any) -> argparse.ArgumentParser:
         choices=QUANTIZATIONS,
         help="--format ctranslate2 only: weight type (int8 is the fast one on a CPU; default: the source's)",
     )
-    p.add_argument("--dtype", choices=list(DTYPES), help="floating-point dtype to write (default: the source's)")
+    p.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        help="floating-point dtype to write (default: the source's; a GPTQ source is dequantised into it, fp16)",
+    )
+    p.add_argument(
+        "--keep-quantization",
+        action="store_true",
+        help="GPTQ sources (-int4 / -int8): write standard GPTQ tensors + quantization_config (transformers, vLLM)",
+    )
     p.add_argument("--max-shard-size", type=float, default=2.0, help="GiB per output shard (bounds memory)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--verify", action="store_true", help="compare logits with the source on a probe afterwards")

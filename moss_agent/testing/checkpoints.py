@@ -50,7 +50,7 @@ __all__ = [
     "tiny_moss_tokenizer_dir",
 ]
 
-CHECKPOINT_VERSION = "3"
+CHECKPOINT_VERSION = "4"
 """Bumped whenever the layout or the corpus changes, so that stale cached checkpoints are not reused."""
 
 MOSS_ADDED_TOKENS: tuple[str, ...] = fmt.END_TOKENS
@@ -182,17 +182,12 @@ def _state_dict(seed: int, n_layer: int, n_embd: int, vocab: int, dtype: str, wb
         return {f"{prefix}.weight": (1 + normal(n_embd)).to(tdtype), f"{prefix}.bias": normal(n_embd)}
 
     def linear(prefix: str, n_in: int, n_out: int, bias: bool) -> dict[str, torch.Tensor]:
-        out = {} if wbits else {f"{prefix}.weight": normal(n_out, n_in)}
-        if wbits:  # GPTQ-for-LLaMa QuantLinear buffers
-            groups = -(-n_in // GROUPSIZE)
-            hi = 2**31 - 1
-            out[f"{prefix}.qweight"] = torch.randint(-hi, hi, (n_in // 32 * wbits, n_out), generator=gen).int()
-            out[f"{prefix}.qzeros"] = torch.randint(-hi, hi, (groups, n_out // 32 * wbits), generator=gen).int()
-            out[f"{prefix}.scales"] = (normal(groups, n_out).abs() + 1e-3).half()
-            out[f"{prefix}.g_idx"] = (torch.arange(n_in) // GROUPSIZE).int()
-        if bias:
-            out[f"{prefix}.bias"] = normal(n_out).half() if wbits else normal(n_out)
-        return out
+        weight, b = normal(n_out, n_in), normal(n_out) if bias else None
+        if not wbits:
+            return {f"{prefix}.weight": weight} | ({} if b is None else {f"{prefix}.bias": b})
+        from moss_agent.checkpoints.gptq import quantize  # packed as QuantLinear.pack does; fp16 bias
+
+        return quantize(weight, b, wbits, GROUPSIZE).tensors(f"{prefix}.")
 
     mask = torch.tril(torch.ones(N_POSITIONS, N_POSITIONS, dtype=torch.bool)).view(1, 1, N_POSITIONS, N_POSITIONS)
     sd: dict[str, torch.Tensor] = {"transformer.wte.weight": normal(vocab, n_embd)}

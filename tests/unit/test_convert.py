@@ -22,12 +22,12 @@ from moss_agent.checkpoints.convert import (
     verify_conversion,
 )
 from moss_agent.checkpoints.hardware import Hardware
-from moss_agent.checkpoints.loading import UnsupportedCheckpointError, load_moss, load_tokenizer
+from moss_agent.checkpoints.loading import load_moss, load_tokenizer
 from moss_agent.cli.convert import add_convert_parser
 from moss_agent.engines.base import SamplingParams
 from moss_agent.engines.transformers import TransformersEngine
 from moss_agent.protocol import format as fmt
-from moss_agent.testing.checkpoints import tiny_gptq_checkpoint, tiny_moss_checkpoint
+from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
 CPU = Hardware.simulated(cpu_gib=16)
 
@@ -307,8 +307,8 @@ def test_refusals(source: Path, gptj: Path, tmp_path: Path) -> None:
         convert(source, tmp_path / "x", format="llama")  # type: ignore[arg-type]
     with pytest.raises(ConversionError, match="dtype"):
         convert(source, tmp_path / "x", dtype="int8")
-    with pytest.raises(UnsupportedCheckpointError, match="GPTQ"):
-        convert(tiny_gptq_checkpoint(4), tmp_path / "x")
+    with pytest.raises(ConversionError, match="not a GPTQ checkpoint"):
+        convert(source, tmp_path / "x", keep_quantization=True)
     assert not (tmp_path / "x").exists() and not list(tmp_path.glob(".x-*"))
 
 

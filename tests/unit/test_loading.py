@@ -14,11 +14,10 @@ from moss_agent.checkpoints.loading import (
     InsufficientMemoryError,
     LoadedMoss,
     MossCheckpointError,
-    UnsupportedCheckpointError,
     load_moss,
 )
 from moss_agent.protocol.format import END_TOKENS
-from moss_agent.testing.checkpoints import tiny_gptq_checkpoint, tiny_moss_checkpoint
+from moss_agent.testing.checkpoints import tiny_moss_checkpoint
 
 CPU = Hardware.simulated(cpu_gib=16)
 PROMPT = "<|Human|>: 你好, what is 2+2?<eoh>\n<|MOSS|>:"
@@ -184,17 +183,6 @@ def test_too_little_memory_is_refused_before_reading_weights(tiny: Path, monkeyp
     monkeypatch.setattr(transformers.CodeGenForCausalLM, "from_pretrained", no_read)
     with pytest.raises(InsufficientMemoryError, match="does not fit"):
         load_moss(tiny, hardware=Hardware.simulated(cpu_gib=2.001))
-
-
-@pytest.mark.parametrize(("wbits", "config_wbits"), [(4, None), (8, 4)])
-def test_gptq_checkpoints_are_refused_with_the_alternative(wbits: int, config_wbits: int | None) -> None:
-    path = tiny_gptq_checkpoint(wbits, config_wbits=config_wbits)
-    with pytest.raises(UnsupportedCheckpointError) as info:
-        load_moss(path, hardware=CPU)
-    message = str(info.value)
-    assert f"GPTQ {wbits}-bit" in message and f'precision="int{wbits}"' in message
-    assert "fnlp/moss-moon-003-sft" in message
-    assert ("config says wbits 4" in message) == (config_wbits is not None)
 
 
 def test_hub_id_offline_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
