@@ -94,12 +94,12 @@ def browser() -> Iterator[Any]:
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, SQLiteStore]]:
     pytest.importorskip("diffusers")
     import torch
+
+    from moss_agent.testing.images import tiny_text2image_pipeline
     from moss_agent.tools import make_tools
     from moss_agent.tools.search import SearchTool
     from moss_agent.tools.search_backends import SearchHit
     from moss_agent.tools.text_to_image import TextToImageTool
-
-    from moss_agent.testing.images import tiny_text2image_pipeline
 
     tmp_path = tmp_path_factory.mktemp("page")
     torch.set_num_threads(1)  # 2 shared cores: torch's own threads only oversubscribe them
@@ -129,15 +129,28 @@ def set_width(driver: Any, width: int, *, dark: bool = False) -> None:
     driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": scheme})
 
 
-def open_page(driver: Any, url: str) -> Any:
+def open_page(driver: Any, url: str, *, type_key: bool = False) -> Any:
+    """Open the page with the API key: typed into its field as a user does, or already kept by the browser."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     wait = WebDriverWait(driver, 60)
     driver.get(url + "/")
-    driver.execute_script("localStorage.setItem('moss-api-key', arguments[0])", KEY)
+    driver.execute_script(
+        "localStorage.clear()" if type_key else "localStorage.setItem('moss-api-key', arguments[0])", KEY
+    )
     driver.get(url + "/")
     wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+    if type_key:
+        assert "needs an API key" in driver.find_element(By.ID, "banner-text").text
+        driver.find_element(By.ID, "api-key").send_keys(KEY, Keys.TAB)
+        wait.until(
+            lambda d: (
+                d.find_elements(By.CSS_SELECTOR, "#plugins input")
+                and not d.find_element(By.ID, "banner").is_displayed()
+            )
+        )
     return wait
 
 
@@ -174,7 +187,7 @@ def test_desktop_page_renders_streams_and_every_control_works(
 
     url, store = server
     set_width(browser, 1280)
-    wait = open_page(browser, url)
+    wait = open_page(browser, url, type_key=True)
     assert browser.find_element(By.ID, "api-key").is_displayed()  # the server has a key: the page asks for it
     icon = browser.find_element(By.CSS_SELECTOR, "link[rel=icon]").get_attribute("href")
     assert browser.execute_script("return fetch(arguments[0]).then(r => r.status)", icon) == 200
@@ -184,7 +197,9 @@ def test_desktop_page_renders_streams_and_every_control_works(
     assert len(examples) == 3 and any("37 * 12" in e for e in examples) and any("Draw" in e for e in examples)
     boxes = browser.find_elements(By.CSS_SELECTOR, "#plugins input[type=checkbox]")
     assert [(b.get_attribute("value"), b.is_selected()) for b in boxes] == [
-        ("search", True), ("calculator", True), ("text2image", True),
+        ("search", True),
+        ("calculator", True),
+        ("text2image", True),
     ]
     browser.execute_script(
         "window.replyLengths = [];"
@@ -244,16 +259,22 @@ def test_desktop_page_renders_streams_and_every_control_works(
     wait.until(staleness_of(old))
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) == 2 and finished(d))
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 2
-    assert [t.human for t in store.load(conversation_id).turns] == ['Draw a picture of "a red cat on a sofa"',
-                                                                     "Search for MOSS plugins"]
+    assert [t.human for t in store.load(conversation_id).turns] == [
+        'Draw a picture of "a red cat on a sofa"',
+        "Search for MOSS plugins",
+    ]
     trace_after = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant details.trace")[1]
     trace_after.find_element(By.TAG_NAME, "summary").click()
     save_screenshot(browser, "moss_chat_page_1280.png")
 
     # Stop: a slow reply ends when asked; the page is ready for the next message.
     box.send_keys("Answer slowly please", Keys.ENTER)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 3
-               and d.find_elements(By.CSS_SELECTOR, ".msg.assistant:last-child .reply p"))
+    wait.until(
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant")) == 3
+            and d.find_elements(By.CSS_SELECTOR, ".msg.assistant:last-child .reply p")
+        )
+    )
     browser.find_element(By.ID, "stop").click()
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.stopped"))
     assert browser.find_element(By.ID, "status").text == "Stopped."
@@ -264,16 +285,23 @@ def test_desktop_page_renders_streams_and_every_control_works(
     # Switch search off for this conversation: the server keeps it.
     browser.find_element(By.CSS_SELECTOR, "#plugins input[value=search]").click()
     wait.until(lambda d: "- Web search: disabled." in (store.load(conversation_id).system or ""))
+    assert len(store.load(conversation_id).turns) == 2  # the stopped turn was not kept
 
     # A new chat, then the stored one again: the same trace as live, the image and the switches come back.
     browser.find_element(By.ID, "new-chat").click()
-    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#messages .msg") and d.find_element(By.ID, "empty").is_displayed())
+    wait.until(
+        lambda d: (
+            not d.find_elements(By.CSS_SELECTOR, "#messages .msg") and d.find_element(By.ID, "empty").is_displayed()
+        )
+    )
     click(browser, f"#conversations li[data-id='{conversation_id}'] .title")
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done")) >= 2)
     assert trace_text(browser) == live_trace
     restored = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".msg.assistant img.generated"))
     wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", restored) == 64)
-    cite = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .reply")[1].find_element(By.CSS_SELECTOR, "sup.cite a")
+    cite = browser.find_elements(By.CSS_SELECTOR, ".msg.assistant .reply")[1].find_element(
+        By.CSS_SELECTOR, "sup.cite a"
+    )
     assert cite.get_attribute("href") in {u for _, u, _ in DOCS}
     checked = [b.is_selected() for b in browser.find_elements(By.CSS_SELECTOR, "#plugins input[type=checkbox]")]
     assert checked == [False, True, True]
@@ -284,11 +312,19 @@ def test_desktop_page_renders_streams_and_every_control_works(
     field = browser.find_element(By.CSS_SELECTOR, "#conversations li input")
     field.send_keys(Keys.CONTROL, "a")
     field.send_keys("Cats and MOSS", Keys.ENTER)
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#conversations li[data-id='{conversation_id}'] .title").text
-               == "Cats and MOSS")
+    wait.until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, f"#conversations li[data-id='{conversation_id}'] .title").text
+            == "Cats and MOSS"
+        )
+    )
     browser.refresh()
-    wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f"#conversations li[data-id='{conversation_id}'] .title").text
-               == "Cats and MOSS")
+    wait.until(
+        lambda d: (
+            d.find_element(By.CSS_SELECTOR, f"#conversations li[data-id='{conversation_id}'] .title").text
+            == "Cats and MOSS"
+        )
+    )
     click(browser, f"#conversations li[data-id='{conversation_id}'] button.delete")
     wait.until(lambda d: d.switch_to.alert).accept()
     wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, f"#conversations li[data-id='{conversation_id}']"))
@@ -320,6 +356,8 @@ def test_network_failure_is_shown_once_and_retried(browser: Any, server: tuple[s
     assert not browser.find_element(By.ID, "banner").is_displayed()
     assert len(browser.find_elements(By.CSS_SELECTOR, ".msg.user")) == 1
     assert browser.find_element(By.CSS_SELECTOR, ".msg.assistant .reply").text == "The result is: 42"
+    asked = [t.human for info in store.list_sessions() for t in store.load(info.session_id).turns]
+    assert asked.count('Calculate "6*7"') == 1  # sent once by the retry, not twice
 
 
 NARROW_CHECK = """
@@ -340,13 +378,10 @@ return [bad, inputs];
 """
 
 
-def test_phone_width_has_a_drawer_and_a_full_width_composer(
-    browser: Any, server: tuple[str, SQLiteStore]
-) -> None:
+def test_phone_width_has_a_drawer_and_a_full_width_composer(browser: Any, server: tuple[str, SQLiteStore]) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
 
-    url, store = server
+    url, _ = server
     set_width(browser, 400)
     try:
         wait = open_page(browser, url)
@@ -359,7 +394,8 @@ def test_phone_width_has_a_drawer_and_a_full_width_composer(
         assert browser.execute_script(NARROW_CHECK) == [[], []]
         save_screenshot(browser, "moss_chat_page_400_empty.png")
 
-        browser.find_element(By.ID, "input").send_keys("What is 12 * 7 with the calculator?", Keys.ENTER)
+        browser.find_element(By.ID, "input").send_keys("What is 12 * 7 with the calculator?")
+        browser.find_element(By.ID, "send").click()
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant.done") and finished(d))
         browser.find_element(By.CSS_SELECTOR, ".msg.assistant details.trace summary").click()
         assert browser.execute_script(NARROW_CHECK) == [[], []]
@@ -372,14 +408,24 @@ def test_phone_width_has_a_drawer_and_a_full_width_composer(
         time.sleep(0.3)  # the slide's end, for the picture
         save_screenshot(browser, "moss_chat_page_400_drawer.png")
         click(browser, "#new-chat")  # and closes when a choice is made
-        wait.until(lambda d: d.find_element(By.ID, "sidebar").rect["x"] + d.find_element(By.ID, "sidebar").rect["width"] <= 0)
+        wait.until(
+            lambda d: d.find_element(By.ID, "sidebar").rect["x"] + d.find_element(By.ID, "sidebar").rect["width"] <= 0
+        )
         browser.find_element(By.ID, "menu").click()
         wait.until(lambda d: d.find_element(By.ID, "sidebar").rect["x"] >= 0)
         from selenium.webdriver.common.action_chains import ActionChains
 
         scrim = browser.find_element(By.ID, "scrim")  # a tap beside the drawer closes it
         ActionChains(browser).move_to_element_with_offset(scrim, 180, 0).click().perform()
-        wait.until(lambda d: d.find_element(By.ID, "sidebar").rect["x"] + d.find_element(By.ID, "sidebar").rect["width"] <= 0)
+        wait.until(
+            lambda d: d.find_element(By.ID, "sidebar").rect["x"] + d.find_element(By.ID, "sidebar").rect["width"] <= 0
+        )
+        browser.find_element(By.ID, "menu").click()
+        wait.until(lambda d: d.find_element(By.ID, "sidebar").rect["x"] >= 0)
+        click(browser, "#close-drawer")
+        wait.until(
+            lambda d: d.find_element(By.ID, "sidebar").rect["x"] + d.find_element(By.ID, "sidebar").rect["width"] <= 0
+        )
 
         # Dark mode follows the system setting.
         set_width(browser, 400, dark=True)

@@ -107,7 +107,8 @@ def test_help_shows_every_default_and_version(capsys: pytest.CaptureFixture[str]
         text = " ".join(command.format_help().split())
         for action in command._actions:
             default = action.default
-            if not action.option_strings or default in (None, False, True, argparse.SUPPRESS) or action.dest == "help":
+            unshown = default in (None, False, True, [], argparse.SUPPRESS) or action.dest == "help"
+            if not action.option_strings or unshown:
                 continue
             if action.dest.endswith("key"):
                 assert str(default) not in text or not default  # a key from the environment is never printed
