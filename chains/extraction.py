@@ -32,6 +32,7 @@ from langchain_core.language_models import BaseChatModel
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
 from langchain_core.runnables import Runnable, RunnableLambda
 from langchain_core.utils.function_calling import convert_to_openai_tool
+
 from moss_agent.chains.conversation import input_text
 
 __all__ = ["DEFAULT_INSTRUCTIONS", "create_extraction_chain"]
