@@ -68,10 +68,10 @@ def _ids(gens: Sequence[Generation]) -> list[tuple[int, ...]]:
     return [g.token_ids for g in gens]
 
 
-def _chat(engine: Any, bench: Bench) -> Any:
+def _chat(engine: Any, bench: Bench, **fields: Any) -> Any:
     from moss_agent.chat_model import ChatMoss
 
-    return ChatMoss(engine=engine, do_sample=False, max_tokens=bench.settings.new_tokens)
+    return ChatMoss(engine=engine, do_sample=False, max_tokens=bench.settings.new_tokens, **fields)
 
 
 def _recorded(bench: Bench, work: Callable[[Any], Any]) -> tuple[Any, list[tuple[str, SamplingParams, Generation]]]:
@@ -152,6 +152,26 @@ def _pass2_at(bench: Bench, cached: Any, fresh: Any, ctx: int) -> dict[str, Any]
 # ---------------------------------------------------------------- 2. against langchain-huggingface
 
 
+def converse(engine: Any, bench: Bench, asked: Sequence[str], **fields: Any) -> list[Any]:
+    """The plugin conversation: ChatMoss with Search and Calculate bound, one turn per question; its AIMessages.
+
+    ``fields`` are further ChatMoss settings (e.g. ``repetition_penalty``).
+    """
+    from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
+
+    chat = _chat(engine, bench, **fields).bind_tools(TOOLS)
+    messages: list[BaseMessage] = []
+    for question in asked:
+        messages.append(HumanMessage(question))
+        messages.append(chat.invoke(messages))
+    return [m for m in messages if isinstance(m, AIMessage)]
+
+
+def replies(messages: list[Any]) -> list[tuple[Any, ...]]:
+    """What a conversation's replies say: content, reasoning and tool calls."""
+    return [(m.content, m.additional_kwargs.get("reasoning_content"), m.tool_calls) for m in messages]
+
+
 def _hf_kwargs(bench: Bench, params: SamplingParams, streamer: Any = None) -> dict[str, Any]:
     """Generation settings for transformers' pipeline equal to ChatMoss's ``params`` (greedy, same stops)."""
     kwargs = {
@@ -176,25 +196,12 @@ def vs_langchain_huggingface(bench: Bench) -> dict[str, Any]:
     is independent. ``ChatHuggingFace`` cannot take part: it needs a chat template (MOSS's tokenizer has none)
     and insists that the last message be a ``HumanMessage``, so it cannot send pass 2, which continues pass 1.
     """
-    from langchain_core.messages import AIMessage, BaseMessage, HumanMessage
     from langchain_huggingface import HuggingFacePipeline
     from transformers import pipeline
 
     s = bench.settings
     asked = questions(s.turns, seed=1)
-
-    def converse(engine: Any) -> list[AIMessage]:
-        chat = _chat(engine, bench).bind_tools(TOOLS)
-        messages: list[BaseMessage] = []
-        for question in asked:
-            messages.append(HumanMessage(question))
-            messages.append(chat.invoke(messages))
-        return [m for m in messages if isinstance(m, AIMessage)]
-
-    def replies(messages: list[AIMessage]) -> list[tuple[Any, ...]]:
-        return [(m.content, m.additional_kwargs.get("reasoning_content"), m.tool_calls) for m in messages]
-
-    first, calls = _recorded(bench, converse)
+    first, calls = _recorded(bench, lambda engine: converse(engine, bench, asked))
     llm = HuggingFacePipeline(pipeline=pipeline("text-generation", model=bench.model, tokenizer=bench.tokenizer))
     engine = bench.engine()
     hf_texts = []
@@ -207,14 +214,14 @@ def vs_langchain_huggingface(bench: Bench) -> dict[str, Any]:
 
     usage: list[Any] = []
 
-    def same_replies(got: list[AIMessage]) -> None:
+    def same_replies(got: list[Any]) -> None:
         assert replies(got) == replies(first), "ChatMoss: the conversation differs from its first run"
         usage[:] = [m.usage_metadata or {} for m in got]
 
     # No warm-up round: the untimed runs above (ChatMoss recorded, every pipeline call checked) warmed both.
     t = interleave(
         {
-            "moss_agent": Case(lambda: converse(engine), same_replies, engine.reset_cache),
+            "moss_agent": Case(lambda: converse(engine, bench, asked), same_replies, engine.reset_cache),
             "langchain_huggingface": Case(
                 lambda: [llm.invoke(p, pipeline_kwargs=kw) for p, kw in jobs], _same(hf_texts, "HuggingFacePipeline")
             ),

@@ -7,6 +7,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from moss_agent.engines.base import Delta, Generation, SamplingParams
@@ -81,6 +82,8 @@ class Bench:
         end_ids: ``<eoh> <eot> <eoc> <eor> <eom>`` -> token id.
         n_params: Parameters of the model.
         load_s: Seconds to build and load the checkpoint.
+        path: The checkpoint directory (its weights unmuted: conversions apply ``muted`` themselves).
+        muted: The token ids whose ``lm_head`` bias is -1e4 in ``model``.
     """
 
     settings: Settings
@@ -89,6 +92,8 @@ class Bench:
     end_ids: dict[str, int]
     n_params: int
     load_s: float
+    path: Path
+    muted: list[int]
 
     def greedy(self, stop_tokens: tuple[str, ...] = (fmt.EOM,)) -> SamplingParams:
         """Greedy decoding of ``new_tokens`` tokens with the release's repetition penalty, as ChatMoss sends."""
@@ -126,7 +131,8 @@ def build_bench(settings: Settings) -> Bench:
     with torch.no_grad():
         model.lm_head.bias[muted] = -1e4
     n_params = sum(p.numel() for p in model.parameters())
-    return Bench(s, model, tok, dict(loaded.end_token_ids), n_params, time.perf_counter() - start)
+    load_s = time.perf_counter() - start
+    return Bench(s, model, tok, dict(loaded.end_token_ids), n_params, load_s, Path(path), list(muted))
 
 
 # ---------------------------------------------------------------- timing
