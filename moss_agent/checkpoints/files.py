@@ -122,13 +122,26 @@ def load_tokenizer(path: Path, tokenization: str = "release") -> tuple[Any, dict
     from moss_agent.checkpoints.tokenization import MossTokenizerFast
 
     tok_config = path / "tokenizer_config.json"
-    named = json.loads(tok_config.read_text(encoding="utf-8")).get("tokenizer_class") if tok_config.is_file() else None
+    settings = read_json(tok_config) if tok_config.is_file() else {}
+    named = settings.get("tokenizer_class") if isinstance(settings, dict) else None
+    if (path / "vocab.json").is_file():
+        vocab = read_json(path / "vocab.json")
+        if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+            raise MossCheckpointError(f"{path / 'vocab.json'} is not a JSON object of token -> id; re-download it")
     files = (path / "vocab.json").is_file() or (path / "tokenizer.json").is_file()
-    if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer", "PreTrainedTokenizerFast") and files:
-        # Reads MOSS's files (or a fast save of them); never its remote code.
-        tokenizer: Any = MossTokenizerFast.from_pretrained(path, tokenization=tokenization)  # type: ignore[arg-type]
-    else:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        if named in (None, "MossTokenizer", "GPT2Tokenizer", "CodeGenTokenizer", "PreTrainedTokenizerFast") and files:
+            # Reads MOSS's files (or a fast save of them); never its remote code.
+            tokenizer: Any = MossTokenizerFast.from_pretrained(path, tokenization=tokenization)  # type: ignore[arg-type]
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # tokenizers / transformers raise many kinds for unreadable files
+        if isinstance(err, ValueError) and "tokenization" in str(err):
+            raise
+        raise MossCheckpointError(
+            f"the tokenizer files in {path} cannot be read ({type(err).__name__}: {' '.join(str(err).split())[:200]}); "
+            "re-download vocab.json, merges.txt and added_tokens.json"
+        ) from err
     ids: dict[str, int] = {}
     for token in END_TOKENS:
         encoded = tokenizer.encode(token, add_special_tokens=False)

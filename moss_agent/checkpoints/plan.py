@@ -35,6 +35,7 @@ from moss_agent.checkpoints.spec import (
     MossCheckpointError,
     UnsupportedCheckpointError,
 )
+from moss_agent.checkpoints.weights import check_present
 from moss_agent.settings import DTYPES, PRECISIONS, normalize_precision
 
 __all__ = [
@@ -200,6 +201,7 @@ def _spec_and_path(source: ModelSpec | Mapping[str, Any] | str | Path) -> tuple[
             return ModelSpec.from_config(known, name=str(source)), None
         path = resolve_checkpoint(str(source), weights=False)  # a hub id: fetch config.json only
     config = read_config(path)  # names the directory when it has none
+    check_present(path)  # a broken index or a truncated shard is named now, not after minutes of loading
     spec = ModelSpec.from_config(config, name=path.name)
     if spec.wbits:  # the tensors tell the real width (the plugin-int8 release declares 4)
         spec = replace(spec, wbits=gptq_bits(path, config, path.name))

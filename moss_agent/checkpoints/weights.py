@@ -14,7 +14,7 @@ from typing import Any
 
 from moss_agent.checkpoints.spec import MossCheckpointError, declared_wbits
 
-__all__ = ["WEIGHT_FILES", "check_files", "gptq_bits", "read_json", "read_tensors", "weight_files"]
+__all__ = ["WEIGHT_FILES", "check_files", "check_present", "gptq_bits", "read_json", "read_tensors", "weight_files"]
 
 WEIGHT_FILES = (
     ("model.safetensors.index.json", "model.safetensors"),
@@ -50,6 +50,19 @@ def _listed_weights(path: Path) -> list[Path]:
         f"{path} has no weights: pytorch_model.bin.index.json with its pytorch_model-*.bin shards, or "
         "model.safetensors (with an index if sharded); re-download the checkpoint"
     )
+
+
+def check_present(path: Path) -> None:
+    """Check what a checkpoint directory holds so far: its index, if any, and each weight file present.
+
+    For the plan, which may look at a directory of config and index only (a hub snapshot without weights).
+    """
+    for index, _ in WEIGHT_FILES:
+        if (path / index).is_file():
+            for file in dict.fromkeys(_weight_map(path / index).values()):
+                if (path / file).is_file():
+                    _check_complete(path / file)
+            return
 
 
 def weight_files(path: Path) -> list[Path]:
