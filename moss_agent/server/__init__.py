@@ -11,7 +11,8 @@ uvicorn)::
     reply = client.chat.completions.create(model="moss", messages=[{"role": "user", "content": "2^10?"}])
     reply.choices[0].message.content, reply.conversation_id, reply.choices[0].message.moss
 
-Routes (all ``/v1`` routes need ``Authorization: Bearer KEY`` when the server has a key):
+Routes (all ``/v1`` routes need ``Authorization: Bearer KEY`` when the server has keys; POST and PUT bodies
+must be ``application/json``; see "Safety" below):
 
 * ``POST /v1/chat/completions``: OpenAI's request (``stream``, ``max_tokens``, ``temperature``, ``top_p``,
   ``stop``, ``seed``, ``tools``, ``tool_choice``) plus two fields, ``conversation_id`` (or the
@@ -22,11 +23,15 @@ Routes (all ``/v1`` routes need ``Authorization: Bearer KEY`` when the server ha
   with ``{"plugins": [...]}``.
 * ``GET /v1/images/{uuid}.png``: pictures Text2Image drew (only uuid names inside the image folder).
 * ``GET /``: the chat page (``/static/page.js``, ``/static/page.css``); no build step, nothing from a CDN.
+* ``GET /v1/openapi.json``: the schema, only with ``ServerSettings(docs=True)``.
 
 Conversations. The earlier turns come from the store when the conversation has stored turns; otherwise from
-the request's messages before the last user message, which then become the conversation's start. So a
-client either sends the whole history each time (as OpenAI clients do) or only the new message with a
-``conversation_id``. The conversation's plugin switches are the switch block of its stored system text.
+the request's messages before the last user message (at most ``max_history_messages`` messages and
+``max_history_bytes`` bytes), which are stored with the turn, in one transaction, as the conversation's
+start. So a client either sends the whole history each time (as OpenAI clients do) or only the new message
+with a ``conversation_id``. The conversation's plugin switches are the switch block of its stored system text;
+a system message sets the conversation's instructions when it starts and later applies to its own turn only.
+A turn stores nothing until it is whole: a refused, cancelled or cut-off request leaves no trace.
 
 Server-side plugins. A request without ``tools`` runs MOSS's plugin loop (pass 1, the switched-on plugins,
 pass 2) and returns the reply as ``content`` with the extension field ``moss`` on the message::
@@ -47,10 +52,23 @@ as ``tool_calls`` (OpenAI shape, ``arguments`` a JSON string, ``finish_reason: "
 them and sends ``role: "tool"`` answers; the turn is stored once MOSS replies. A malformed command comes back
 as a call whose arguments do not parse; the client's error answer reaches MOSS as its result.
 
-Limits: request bodies over ``max_request_bytes`` get 413, ``max_tokens`` over ``max_tokens_limit`` 400, a
-full queue 429, a request past its time limit 504 (a turn cut short is not stored). Errors have OpenAI's shape
-``{"error": {"message", "type", "param", "code"}}``; during a stream, an error is sent as such an event.
-One model serves one request at a time, in arrival order (:class:`~moss_agent.server.queue.ModelQueue`).
+Limits: request bodies over ``max_request_bytes`` get 413, ``max_tokens`` over ``max_tokens_limit`` 400 (and a
+plugin turn whose two passes cannot fit the context window 400, before pass 1), a full queue or a user's full
+share of it 429 with ``Retry-After``, a request past its time limit 504. A temperature below 1e-5 means greedy;
+``top_p``, ``seed`` and ``stop`` are checked (400). Errors have OpenAI's shape ``{"error": {"message", "type",
+"param", "code"}}``; during a stream, an error is sent as such an event.
+
+Scheduling. Turns run side by side (``workers``), one at a time per conversation, taken from the users' queues
+in turn (:class:`~moss_agent.server.queue.ModelQueue`); their generations share the model's forward passes
+(continuous batching, :class:`~moss_agent.server.batching.BatchingEngine`). A client that disconnects, streamed
+or not, cancels its turn: a waiting one never runs, a running one stops within a token.
+
+Safety (:mod:`~moss_agent.server.security`, :mod:`~moss_agent.server.users`). Requests must name an allowed
+``Host`` (loopback names, ``--host``, ``--allowed-host``) and, from a browser, come from the server's own
+origin; every response carries a CSP (own origin, ``frame-ancestors 'none'``), ``X-Frame-Options`` and
+``nosniff``. Keys: none (loopback only), one ``api_key``, or a keys file mapping keys to users, each of whom
+sees only their own conversations (another's id is 404), plus an optional admin key. Every untrusted string
+that reaches a prompt is scrubbed (:mod:`~moss_agent.server.schemas`).
 """
 
 from __future__ import annotations

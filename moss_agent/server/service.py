@@ -147,14 +147,6 @@ class MossService:
                 self.chat = self.chat.model_copy(update={"engine": engine})
             return engine
 
-    def batching_stats(self) -> dict[str, float]:
-        """What the batching engine has done (for the benchmark)."""
-        engine = self.chat.engine
-        if not isinstance(engine, BatchingEngine):
-            return {}
-        stats = engine.stats
-        return {"steps": stats.steps, "mean_batch": stats.mean_batch, "peak_batch": stats.peak_batch}
-
     # ------------------------------------------------------------------ switches
 
     def check_plugins(self, keys: Sequence[str]) -> list[str]:
