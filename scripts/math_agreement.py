@@ -140,6 +140,14 @@ def measure(data_dir: Path = DEFAULT_DATA, *, timeout: float = 10.0) -> dict[str
     return reports
 
 
+_CALL = re.compile(r"([A-Za-z_][\w.]*)\s*\(")
+
+
+def called_functions(cases: list[Case]) -> Counter[str]:
+    """How often each function name is called in the recorded Calculate commands (what MOSS writes)."""
+    return Counter(name for case in cases if case.tool == "Calculate" for name in _CALL.findall(case.argument))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print the agreement of each tool; with ``--misses``, every disagreement."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -149,6 +157,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.data_dir.is_dir():
         parser.error(f"no MOSS data at {args.data_dir}")
+    from moss_agent.tools.math.check import FUNCTIONS
+
+    calls = called_functions(recorded_cases(args.data_dir))
+    print(
+        "Calculate calls: "
+        + ", ".join(f"{n} x{c} ({'accepted' if n in FUNCTIONS else 'refused'})" for n, c in calls.most_common())
+    )
     for report in measure(args.data_dir, timeout=args.timeout).values():
         print(
             f"{report.tool}: {report.agree}/{report.total} agree ({report.rate:.1%}) over recorded results that "

@@ -69,6 +69,12 @@ PYTHON_CASES: list[tuple[str, int | float]] = [
     ("radians(180)", math.radians(180)),
     ("max(1, 2.0, -3)", max(1, 2.0, -3)),
     ("min(4, 2)", min(4, 2)),
+    ("pow(12, 1/3)", pow(12, 1 / 3)),  # as MOSS writes a cube root
+    ("pow(2, 10)", pow(2, 10)),
+    ("pow(2, -1)", pow(2, -1)),
+    ("pow(2.5, 2)", pow(2.5, 2)),
+    ("pow(3, 200, 7)", pow(3, 200, 7)),
+    ("2*pow(12, 1/3)^2", 2 * pow(12, 1 / 3) ** 2),
     ("(-2)^2.0", (-2) ** 2.0),
     ("2**0.5", 2**0.5),
     ("1e16", 1e16),
@@ -115,6 +121,10 @@ def test_assignments_then_an_expression() -> None:
         "sqrt",
         "sqrt(1, 2)",
         "round(2.5, 1.5)",
+        "pow(2)",
+        "pow(-8, 1/3)",  # complex in Python
+        "pow(2.5, 2, 3)",  # a modulus needs integers
+        "pow(2, 3, 0)",
         "147227.31亿美元*6.474",  # the recorder dropped the Chinese characters and printed a wrong value
         "",
         "   ",

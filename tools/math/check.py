@@ -87,6 +87,7 @@ _ONE_ARGUMENT = (
 FUNCTIONS: dict[str, tuple[int, int]] = {
     **dict.fromkeys(_ONE_ARGUMENT.split(), (1, 1)),
     "log": (1, 2),
+    "pow": (2, 3),  # the builtin: pow(12, 1/3) as MOSS writes it; pow(a, b, m) on integers
     "round": (1, 2),
     "atan2": (2, 2),
     "min": (2, 8),

@@ -207,6 +207,14 @@ def _round(ev: Evaluator, x: Value, digits: Value | None = None) -> Value:
     return sp.Integer(result) if isinstance(x, sp.Integer) else _double(result)
 
 
+def _pow(ev: Evaluator, a: Value, b: Value, mod: Value | None = None) -> Value:
+    if mod is None:
+        return ev._power(a, b)  # as a ** b
+    if not all(isinstance(v, sp.Integer) for v in (a, b, mod)) or b < 0 or mod == 0:
+        raise MathInputError("pow() with a modulus needs integers, a non-negative exponent and a non-zero modulus")
+    return sp.Integer(pow(int(a), int(b), int(mod)))
+
+
 def _extreme(pick_max: bool) -> Callable[..., Value]:
     def pick(_ev: Evaluator, *values: Value) -> Value:
         best = values[0]
@@ -245,6 +253,7 @@ _NUMERIC: dict[str, Callable[..., Value]] = {
     "ceil": lambda _ev, x: sp.ceiling(x),
     "factorial": _factorial,
     "round": _round,
+    "pow": _pow,
     "min": _extreme(False),
     "max": _extreme(True),
 }
