@@ -23,7 +23,7 @@ must be ``application/json``; see "Safety" below):
   with ``{"plugins": [...]}``.
 * ``GET /v1/images/{uuid}.png``: pictures Text2Image drew (only uuid names inside the image folder).
 * ``GET /``: the chat page (``/static/page.js``, ``/static/page.css``); no build step, nothing from a CDN.
-* ``GET /v1/openapi.json``: the schema, only with ``ServerSettings(docs=True)``.
+* ``GET /v1/openapi.json``: the schema, only with ``ServerSettings(openapi=True)``.
 
 Conversations. The earlier turns come from the store when the conversation has stored turns; otherwise from
 the request's messages before the last user message (at most ``max_history_messages`` messages and

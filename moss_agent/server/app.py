@@ -269,7 +269,7 @@ def create_app(
         data = [{"key": k, "name": t.name, "description": t.description} for k, t in service.tools.items()]
         return {"object": "list", "data": data, "default": service.default_plugins}
 
-    if settings.docs:
+    if settings.openapi:
 
         @api.get("/openapi.json", include_in_schema=False)
         async def openapi() -> dict[str, Any]:

@@ -69,7 +69,7 @@ class ServerSettings:
         workers: Turns running at once (their generations are batched); ``max_batch`` when None.
         max_queue_per_user: Most requests of one user waiting or running; half of ``max_queue`` when there
             are several users, else ``max_queue``.
-        docs: Serve the OpenAPI schema at ``/v1/openapi.json`` (behind the key).
+        openapi: Serve the OpenAPI schema at ``/v1/openapi.json`` (behind the key).
     """
 
     api_key: str | None = None
@@ -87,7 +87,7 @@ class ServerSettings:
     max_batch: int = 8
     workers: int | None = None
     max_queue_per_user: int | None = None
-    docs: bool = False
+    openapi: bool = False
 
 
 class ApiError(Exception):

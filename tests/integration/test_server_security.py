@@ -252,3 +252,30 @@ def test_a_plugin_turn_that_cannot_fit_both_passes_is_refused_before_pass_one(tm
         assert default.status_code == 200
         assert len(engine.calls) == 4  # pass 1 and pass 2 of each
         assert all(c.params.max_new_tokens * 2 + 256 <= engine.context_window - 64 for c in engine.calls)
+
+
+class CountingStore(SQLiteStore):
+    """Counts write transactions."""
+
+    writes = 0
+
+    def _write(self) -> Any:
+        self.writes += 1
+        return super()._write()
+
+
+def test_imported_history_is_one_transaction_and_the_schema_only_on_request(tmp_path: Path) -> None:
+    store = CountingStore(tmp_path / "count.sqlite3")
+    app = create_app(RuleBasedEngine(), store=store, settings=ServerSettings(openapi=True))
+    messages: list[dict[str, str]] = []
+    for k in range(30):
+        messages += [{"role": "user", "content": f"q{k}"}, {"role": "assistant", "content": f"a{k}"}]
+    messages.append({"role": "user", "content": "and now?"})
+    with running_server(app) as url, httpx.Client(base_url=url, timeout=60) as http:
+        before = store.writes
+        reply = http.post("/v1/chat/completions", json={"model": "m", "messages": messages, "plugins": []})
+        assert reply.status_code == 200
+        assert store.writes - before == 1  # 30 imported turns and the new one, in one transaction
+        assert len(store.load(reply.json()["conversation_id"]).turns) == 31
+        assert http.get("/v1/openapi.json").json()["paths"]
+        assert http.get("/openapi.json").status_code == 404
