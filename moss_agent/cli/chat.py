@@ -213,7 +213,7 @@ class ChatLoop:
                 self.say("No session: this conversation is not kept. Start with --session NAME to keep it.")
             else:
                 turns = len(self.agent.memory) if self.agent.memory is not None else 0
-                self.say(f"Session {self.session[0]!r} in {self.session[1]}: {turns} turns.")
+                self.say(f"Session {self.session[0]!r} in {self.session[1]}: {turns} turn{'' if turns == 1 else 's'}.")
         else:
             self.say(f"Unknown command {name}: /help lists them.")
         return True

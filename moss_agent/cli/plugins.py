@@ -59,7 +59,7 @@ def _search(args: argparse.Namespace, say: Callable[[str], None], explicit: bool
         count = len(tool.backend)
         if not count:
             raise CliError(f"--docs {' '.join(args.docs)}: no text found (Search reads .txt and .md files)")
-        say(f"Search: local index of {count} passages from {' '.join(args.docs)}")
+        say(f"Search: local index of {count} passage{'' if count == 1 else 's'} from {' '.join(args.docs)}")
         return tool
     backend = default_backend()
     if isinstance(backend, TavilyBackend):

@@ -222,7 +222,7 @@ def test_chat_commands_and_clean_endings() -> None:
     assert "Plugins on: Calculate" in said and "No session" in said and "Unknown command /nope" in said
     assert agent.resets == 1
     _, said, _ = run_loop(["hi", "/session"], session=("work", "/data/db.sqlite3"))
-    assert "Session 'work' in /data/db.sqlite3: 1 turns." in said
+    assert "Session 'work' in /data/db.sqlite3: 1 turn." in said
     # Ctrl-C stops an answer and the chat goes on; Ctrl-C or Ctrl-D at the prompt ends it cleanly.
     out, said, agent = run_loop(["slow one", "after", KeyboardInterrupt(), "unread"])
     assert "[stopped]" in said and out.endswith("You said **after**\n") and agent.memory == ["after"]
@@ -255,4 +255,4 @@ def test_chat_resumes_a_session(monkeypatch: Any, tmp_path: Path, capsys: pytest
     monkeypatch.setattr(sys, "stdin", io.StringIO("/session\n/quit\n"))
     assert cli.main(argv) == 0
     err = capsys.readouterr().err
-    assert "Session 'work': resumed 1 turn." in err and f"Session 'work' in {db}: 1 turns." in err
+    assert "Session 'work': resumed 1 turn." in err and f"Session 'work' in {db}: 1 turn." in err
