@@ -105,7 +105,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     tools = make_plugin_tools(args)  # says which plugins cannot work, before the model loads
     ring = _key_ring(args)  # refuses an open server on a network address, before the model loads
     print(f"Loading {args.model} ...", file=sys.stderr)
-    engine = TransformersEngine.from_pretrained(args.model, precision=args.precision)  # before the first request
+    engine = TransformersEngine.from_pretrained(  # before the first request
+        args.model, precision=args.precision, adapter=args.adapter
+    )
     settings = ServerSettings(
         api_key=args.api_key or None,
         max_request_bytes=args.max_request_bytes,
