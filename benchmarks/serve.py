@@ -158,6 +158,7 @@ def soak(n: int = 500, *, clients: int = 8, seed: int = 0) -> dict[str, Any]:
 
             def one(i: int) -> str:
                 kind = rng.choice(_KINDS)
+                status: int | str
                 try:
                     status = _KIND_RUN[kind](i, url, auth, chat)
                 except httpx.TimeoutException:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.resources
-import json
 import logging
 import os
 import threading
@@ -31,19 +30,17 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from moss_agent.chat_model import ChatMoss
-from moss_agent.engines.base import ContextWindowExceededError
-from moss_agent.memory import ContextBudgetError
 from moss_agent.memory.store import SQLiteStore, new_session_id
 from moss_agent.messages import message_text
 from moss_agent.server.page import PAGE_FILES, parse_title
-from moss_agent.server.queue import ModelQueue, QueueFullError, RequestTimeoutError
+from moss_agent.server.queue import ModelQueue
+from moss_agent.server.responses import collect, job_error, sse
 from moss_agent.server.schemas import (
     CONVERSATION_ID,
     ApiError,
     ChatCompletionRequest,
     PluginsUpdate,
     ServerSettings,
-    chunk,
     completion,
     error_body,
     new_completion_id,
@@ -83,23 +80,6 @@ Caller = Annotated[Principal, Depends(_authorize)]
 
 def _asset(name: str) -> str:
     return importlib.resources.files("moss_agent.server").joinpath(name).read_text(encoding="utf-8")
-
-
-def _job_error(err: BaseException) -> ApiError:
-    """The API error for what a queued job raised."""
-    if isinstance(err, ApiError):
-        return err
-    if isinstance(err, QueueFullError):
-        retry = {"Retry-After": str(err.retry_after)}
-        return ApiError(429, str(err), type="rate_limit_error", code="queue_full", headers=retry)
-    if isinstance(err, RequestTimeoutError):
-        return ApiError(504, str(err), type="timeout_error", code="timeout")
-    if isinstance(err, ContextBudgetError | ContextWindowExceededError):
-        return ApiError(400, str(err), code="context_length_exceeded", param="messages")
-    if isinstance(err, ValueError):
-        return ApiError(400, str(err))
-    logger.error("request failed", exc_info=err)
-    return ApiError(500, f"the server failed: {type(err).__name__}", type="server_error")
 
 
 def create_app(
@@ -198,7 +178,7 @@ def create_app(
         except ClientGoneError:
             raise
         except Exception as err:
-            raise _job_error(err) from err
+            raise job_error(err) from err
         finally:
             if not task.done():  # the job's stream closes here: a waiting job is dropped, a running one stops
                 task.cancel()
@@ -208,7 +188,7 @@ def create_app(
     async def run_job(request: Request, job: Any, who: Principal, key: str, stop: Any = None) -> list[Any]:
         deadline = time.monotonic() + settings.request_timeout_s
         stream = queue.stream(job, deadline, user=who.name, key=key, stop=stop)
-        return await watched(request, _collect(stream))  # type: ignore[no-any-return]
+        return await watched(request, collect(stream))  # type: ignore[no-any-return]
 
     def check_id(who: Principal, conversation_id: str) -> str:
         """The store id of the caller's conversation ``conversation_id`` (400 for a malformed id)."""
@@ -398,53 +378,9 @@ def create_app(
             await stream.aclose()  # type: ignore[attr-defined]
             raise
         include_usage = bool((body.stream_options or {}).get("include_usage"))
-        sse = _sse(stream, first, completion_id, model_name, conversation_id, include_usage)
-        return StreamingResponse(sse, media_type="text/event-stream", headers={**headers, **_SSE_HEADERS})
+        events_out = sse(stream, first, completion_id, model_name, conversation_id, include_usage)
+        return StreamingResponse(events_out, media_type="text/event-stream", headers={**headers, **_SSE_HEADERS})
 
     app.include_router(api)
 
     return app
-
-
-async def _collect(stream: AsyncIterator[Any]) -> list[Any]:
-    return [item async for item in stream]
-
-
-async def _sse(
-    stream: AsyncIterator[Event],
-    first: Event,
-    completion_id: str,
-    model: str,
-    conversation_id: str,
-    include_usage: bool,
-) -> AsyncIterator[str]:
-    """The server-sent events of a streamed completion; an error after the first event is an error event."""
-
-    def delta(data: dict[str, Any], finish: str | None = None) -> str:
-        return chunk(completion_id, model, conversation_id, data, finish)
-
-    try:
-        yield delta({"role": "assistant", "content": ""})
-        event: Event | None = first
-        while event is not None:
-            if event.kind == "reply":
-                yield delta({"content": event.data})
-            elif event.kind == "reasoning":
-                yield delta({"reasoning_content": event.data})
-            elif event.kind == "moss":
-                yield delta({"moss": event.data})
-            else:
-                message = event.data["message"]
-                last: dict[str, Any] = {"moss": {"type": "turn", **message["moss"]}}
-                if message.get("tool_calls"):
-                    last["tool_calls"] = [{"index": i, **c} for i, c in enumerate(message["tool_calls"])]
-                yield delta(last, event.data["finish_reason"])
-                if include_usage:
-                    yield chunk(completion_id, model, conversation_id, None, token_usage=usage(event.data["usage"]))
-            event = await anext(stream, None)
-        yield "data: [DONE]\n\n"
-    except Exception as err:
-        error = _job_error(err)
-        yield f"data: {json.dumps(error.body())}\n\n"
-    finally:
-        await stream.aclose()  # type: ignore[attr-defined]
