@@ -7,6 +7,15 @@ the config maps onto :class:`~transformers.CodeGenConfig`, the weights load unch
 too; the non-learned ``attn.causal_mask`` buffers are dropped) and the tokenizer is a fast GPT-2
 byte-level BPE with MOSS's added tokens. Placement, dtype and bitsandbytes quantisation follow a
 :class:`LoadPlan` computed before any weight is read. Standard ``codegen`` and ``gptj`` directories load too.
+
+GPTQ checkpoints (the ``-int4`` / ``-int8`` releases, and standard GPTQ ones that ``convert --keep-quantization``
+writes) load two ways, without Triton or remote code: dequantised exactly into fp32 / fp16 / bf16 by
+:mod:`moss_agent.checkpoints.gptq` (any device), or kept packed with ``precision="gptq"`` through transformers'
+GPTQ integration (gptqmodel kernels; its CPU kernels work too). The release's own int4 / int8 path built its
+rotary table while torch's default dtype was float16 (``MossForCausalLM.__init__``), so its inverse frequencies
+were rounded to fp16 (relative error up to 5.8e-4): angles drift with the position, up to 0.78 rad at position
+2047 (table entries off by 0.02 by position 64, 0.19 by 512). Training and the fp16 release used the float32
+table, which is what loads here; that deviation of the release is documented, not reproduced.
 """
 
 from __future__ import annotations
@@ -210,8 +219,9 @@ def load_moss(
 
     Args:
         model: A checkpoint directory or hub id (fetched through huggingface_hub; no remote code).
-        precision: ``auto`` (the best that fits one turn), ``fp32``, ``bf16``, ``fp16``, ``int8`` or ``int4``
-            (bitsandbytes, quantised while loading).
+        precision: ``auto`` (the best that fits one turn; fp16 for MOSS on GPUs), ``fp32``, ``bf16``, ``fp16``,
+            ``int8`` or ``int4`` (bitsandbytes, quantised while loading), or ``gptq`` for a GPTQ checkpoint kept
+            packed (a GPTQ checkpoint in fp32 / fp16 / bf16 is dequantised exactly).
         device_map: ``auto`` (the plan's map: GPUs in order, blocks never split, then CPU / disk), a device
             (``cpu``, ``cuda:1``), an accelerate strategy (``balanced``, ``sequential``) or an explicit map;
             anything but ``auto`` overrides the plan's placement.
@@ -232,7 +242,8 @@ def load_moss(
 
     Raises:
         MossCheckpointError: Missing files, a config that is not MOSS / CodeGen, or a broken tokenizer.
-        UnsupportedCheckpointError: GPTQ-quantised checkpoints (the message names the alternative).
+        UnsupportedCheckpointError: A precision that does not apply (bitsandbytes on GPTQ, gptq on fp16).
+        ImportError: ``precision="gptq"`` without gptqmodel and optimum.
         InsufficientMemoryError: When the plan cannot fit one turn (before any weight is read).
     """
     if adapter is not None:

@@ -181,3 +181,27 @@ def test_command_line_keeps_the_quantization(ckpt: tuple[Path, int], tmp_path: P
     assert main(["convert", str(ckpt[0]), str(tmp_path / "kept"), "--keep-quantization"]) == 0
     assert "quantization_config" in json.loads((tmp_path / "kept" / "config.json").read_text())
     assert main(["convert", str(ckpt[0]), str(tmp_path / "bad"), "--keep-quantization", "--dtype", "bf16"]) == 2
+
+
+def test_the_release_s_fp16_rotary_table_drifts_as_documented() -> None:
+    """The figures in moss_agent.checkpoints.loading's docstring: the int4 / int8 path built the table under
+    torch.set_default_dtype(torch.half), as MossForCausalLM.__init__ does, rounding the inverse frequencies."""
+
+    def table(num_pos: int = 2048, dim: int = 64) -> tuple[Any, Any]:
+        inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2) / dim))
+        angles = torch.einsum("i , j -> i j", torch.arange(num_pos, dtype=torch.float), inv_freq).float()
+        return torch.cat((torch.sin(angles), torch.cos(angles)), dim=1), inv_freq
+
+    exact, inv32 = table()
+    torch.set_default_dtype(torch.half)
+    try:
+        rounded, inv16 = table()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    assert inv16.dtype == torch.float16 and rounded.dtype == torch.float32
+    assert float(((inv16.float() - inv32) / inv32).abs().max()) == pytest.approx(5.8e-4, abs=0.05e-4)
+    drift = (rounded - exact).abs()
+    assert float(drift[:65].max()) == pytest.approx(0.024, abs=0.002)
+    assert float(drift[:513].max()) == pytest.approx(0.19, abs=0.01)
+    angle = (torch.arange(2048.0)[:, None] * (inv16.float() - inv32)).abs().max()
+    assert float(angle) == pytest.approx(0.78, abs=0.01)
