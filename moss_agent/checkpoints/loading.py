@@ -270,6 +270,9 @@ def load_moss(
     if not local:
         path = resolve_checkpoint(model, weights=True)
         check_files(path)
+        if spec.wbits:  # the tensors are here now: they tell the real width
+            spec = replace(spec, wbits=gptq_bits(path, config, spec.name))
+            plan = replace(plan, spec=spec)
     tokenizer, end_ids = load_tokenizer(path, tokenization)
 
     import torch

@@ -34,7 +34,7 @@ class MossCheckpointError(ValueError):
 
 
 class UnsupportedCheckpointError(MossCheckpointError):
-    """A checkpoint format not loaded here (GPTQ-quantised MOSS); the message names the alternative."""
+    """A checkpoint or precision not loaded here (bitsandbytes on GPTQ, ...); the message names the alternative."""
 
 
 class InsufficientMemoryError(MemoryError):
