@@ -231,3 +231,13 @@ def test_sizes_and_precisions_parse() -> None:
     assert normalize_precision("float16") == "fp16" and normalize_precision("4bit") == "int4"
     with pytest.raises(ValueError, match="unknown precision"):
         normalize_precision("int3")
+
+
+def test_a_gptq_checkpoint_is_refused_only_when_no_route_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(plan_module, "gptq_available", lambda: False)
+    with pytest.raises(InsufficientMemoryError) as info:
+        plan_load("fnlp/moss-moon-003-sft-int4", hw(8, cpu=8))
+    message = str(info.value)
+    assert "fp16: load 31.1 GiB, one turn 43.7 GiB" in message and 'precision="gptq" (one turn 14.5 GiB)' in message
+    monkeypatch.setattr(plan_module, "gptq_available", lambda: True)
+    assert plan_load("fnlp/moss-moon-003-sft-int4", hw(16, cpu=8)).precision == "gptq"
