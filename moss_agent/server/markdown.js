@@ -16,8 +16,8 @@ const MossMarkdown = (() => {
   const INLINE = new RegExp([
     /(`+)([^`]|[^`][\s\S]*?[^`])\1(?!`)/.source, // 1, 2: code span
     /<sup>\s*<\|(\d+)\|>\s*<\/sup>|<\|(\d+)\|>/.source, // 3, 4: citation
-    /!\[([^\]]*)\]\(\s*([^)\s]+)(?:\s+"[^"]*")?\s*\)/.source, // 5, 6: image
-    /\[([^\]]+)\]\(\s*([^)\s]+)(?:\s+"[^"]*")?\s*\)/.source, // 7, 8: link
+    /!\[([^\]]*)\]\(\s*((?:[^()\s]|\([^()\s]*\))+)(?:\s+"[^"]*")?\s*\)/.source, // 5, 6: image
+    /\[([^\]]+)\]\(\s*((?:[^()\s]|\([^()\s]*\))+)(?:\s+"[^"]*")?\s*\)/.source, // 7, 8: link (one level of parens)
     /(?<![\w*])\*\*(?=\S)([\s\S]*?\S)\*\*(?![\w*])|(?<!\w)__(?=\S)([\s\S]*?\S)__(?!\w)/.source, // 9, 10: strong
     /~~(?=\S)([\s\S]*?\S)~~/.source, // 11: strike
     /(?<![\w*])\*(?=[^\s*])([\s\S]*?[^\s*])\*(?![\w*])|(?<!\w)_(?=[^\s_])([\s\S]*?[^\s_])_(?!\w)/.source, // 12, 13
@@ -60,7 +60,7 @@ const MossMarkdown = (() => {
       at = m.index + m[0].length;
       if (m[1] !== undefined) parent.append(el("code", null, m[2].replace(/^ (.*) $/s, "$1")));
       else if (m[3] !== undefined || m[4] !== undefined) parent.append(citation(Number(m[3] ?? m[4]), ctx));
-      else if (m[5] !== undefined) parent.append(ctx.image ? ctx.image(m[6], m[5]) : link(m[5] || m[6], m[6]));
+      else if (m[5] !== undefined) parent.append((ctx.image && ctx.image(m[6], m[5])) || link(m[5] || m[6], m[6]));
       else if (m[7] !== undefined) {
         const a = link("", m[8]);
         inline(m[7], ctx, a.nodeType === 1 ? a : parent);
@@ -118,10 +118,9 @@ const MossMarkdown = (() => {
         i += 1;
       }
       const li = node.appendChild(el("li"));
-      const inner = blocks(body, ctx, document.createDocumentFragment());
-      // A tight item is its paragraph's contents, not a <p>.
-      if (inner.childNodes.length === 1 && inner.firstChild.tagName === "P") li.append(...inner.firstChild.childNodes);
-      else li.append(inner);
+      li.append(blocks(body, ctx, document.createDocumentFragment()));
+      // A tight item (no blank line inside) shows its paragraphs' contents, not <p> blocks.
+      if (!body.includes("")) for (const p of [...li.children].filter((c) => c.tagName === "P")) p.replaceWith(...p.childNodes);
     }
     parent.append(node);
     while (i < src.length && src[i].trim() === "" && src[i + 1] !== undefined && ITEM.test(src[i + 1])
@@ -180,8 +179,9 @@ const MossMarkdown = (() => {
   /**
    * Render Markdown as DOM nodes.
    * @param {string} text The model's text.
-   * @param {{sources?: {title: string, url: string}[], image?: (url: string, alt: string) => Node}} options
-   *   sources: the turn's search hits, cited as <|N|> (1-based); image: makes the node of a Markdown image.
+   * @param {{sources?: {title: string, url: string}[], image?: (url: string, alt: string) => Node | null}} options
+   *   sources: the turn's search hits, cited as <|N|> (1-based); image: the node of a Markdown image, or null
+   *   for a link to it instead.
    * @returns {DocumentFragment}
    */
   function render(text, options = {}) {

@@ -39,7 +39,7 @@ function addAssistant(human) {
 
 function renderReply(view) {
   view.pending = 0;
-  const image = (url, alt) => (url.startsWith("/v1/images/") ? imageNode(url, alt) : document.createTextNode(alt || url));
+  const image = (url, alt) => (url.startsWith("/v1/images/") ? imageNode(url, alt) : null);  // others: a link
   view.reply.replaceChildren(MossMarkdown.render(view.text, { sources: view.hits, image }));
   view.sources.replaceChildren();
   view.sources.hidden = !view.hits.length;

@@ -436,3 +436,46 @@ def test_phone_width_has_a_drawer_and_a_full_width_composer(browser: Any, server
     finally:
         browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
         browser.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+NEW_TAB = 'target="_blank" rel="noopener noreferrer nofollow"'
+MARKDOWN_CASES = [
+    ("# Title\n\nSome *text*.", "<h1>Title</h1><p>Some <em>text</em>.</p>"),
+    (
+        "| a | b |\n|---|:-:|\n| 1 | 2 |",
+        "<table><thead><tr><th>a</th><th>b</th></tr></thead><tbody><tr><td>1</td><td>2</td></tr></tbody></table>",
+    ),
+    ("- a\n  - b\n- c", "<ul><li>a<ul><li>b</li></ul></li><li>c</li></ul>"),
+    ("1. one\n2. two", "<ol><li>one</li><li>two</li></ol>"),
+    ("> said\n> twice", "<blockquote><p>said<br>twice</p></blockquote>"),
+    ("```py\nx = 1", '<pre><code data-lang="py">x = 1</code></pre>'),  # still streaming: no closing fence yet
+    ("12*7 and 3*4, 2**10 and 3**2, snake_case_name", "<p>12*7 and 3*4, 2**10 and 3**2, snake_case_name</p>"),
+    (  # no script link, and a remote image is a link to it, never loaded
+        "[x](javascript:alert(1)) ![p](https://evil.example/p.png)",
+        f'<p>x <a href="https://evil.example/p.png" {NEW_TAB}>p</a></p>',
+    ),
+    ("<script>alert(1)</script> &amp;", "<p>&lt;script&gt;alert(1)&lt;/script&gt; &amp;amp;</p>"),
+    (
+        "see https://example.org/a_b.",
+        f'<p>see <a href="https://example.org/a_b" {NEW_TAB}>https://example.org/a_b</a>.</p>',
+    ),
+    (
+        "cited<sup><|2|></sup> and <|9|>",
+        f'<p>cited<sup class="cite"><a href="https://b.example/" {NEW_TAB} title="B">[2]</a></sup>'
+        ' and <sup class="cite">[9]</sup></p>',
+    ),
+]
+
+
+def test_markdown_becomes_elements_never_html(browser: Any, server: tuple[str, SQLiteStore]) -> None:
+    url, _ = server
+    set_width(browser, 1280)
+    open_page(browser, url)
+    script = (
+        "const box = document.createElement('div');"
+        "const sources = [{title: 'A', url: 'https://a.example/'}, {title: 'B', url: 'https://b.example/'}];"
+        "box.append(MossMarkdown.render(arguments[0], {sources}));"
+        "return box.innerHTML;"
+    )
+    for text, html in MARKDOWN_CASES:
+        assert browser.execute_script(script, text) == html, text
