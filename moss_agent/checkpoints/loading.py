@@ -201,6 +201,48 @@ def _load_dequantized(path: Path, hf_config: Any, model_class: Any, plan: LoadPl
     return net.to(device_of(next(iter(params))))  # the buffers (rotary table, masks) too
 
 
+def _from_pretrained(
+    path: Path,
+    hf_config: Any,
+    model_class: Any,
+    plan: LoadPlan,
+    device_map: str | dict[str, Any],
+    max_memory: dict[Any, int | str] | None,
+    folder: str | None,
+) -> Any:
+    """Load through transformers' ``from_pretrained`` as the plan says: dtype, placement, bitsandbytes or GPTQ."""
+    import torch
+
+    if plan.precision == "gptq":
+        if not gptq_available():
+            raise ImportError(
+                'precision="gptq" needs transformers\' GPTQ integration: pip install gptqmodel optimum (gptqmodel '
+                'compiles its kernels); or load the checkpoint dequantised with precision="fp16"'
+            )
+        from moss_agent.checkpoints.gptq import quantization_config
+
+        hf_config.quantization_config = quantization_config(plan.spec.wbits or 4)  # bits from the tensors
+    kwargs: dict[str, Any] = {"config": hf_config, "dtype": getattr(torch, plan.dtype)}
+    kwargs["device_map"] = _device_map(plan, device_map)
+    if max_memory is not None and isinstance(kwargs["device_map"], str):
+        kwargs["max_memory"] = max_memory
+    if folder is not None:
+        kwargs["offload_folder"] = folder
+    quant = _quantization_config(plan)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    try:
+        net = model_class.from_pretrained(path, **kwargs)
+    except (pickle.UnpicklingError, RuntimeError, OSError) as err:
+        if "weights_only" in str(err) or "Weights only" in str(err) or isinstance(err, pickle.UnpicklingError):
+            raise MossCheckpointError(
+                f"{path}: a weight file holds pickled objects other than tensors; refusing to run them "
+                "(weights load with torch.load(weights_only=True)). Use the official files or safetensors."
+            ) from err
+        raise
+    return net
+
+
 def load_moss(
     model: str | os.PathLike[str],
     *,
@@ -280,34 +322,8 @@ def load_moss(
     hf_config, model_class = _hf_config(path, config)
     if spec.wbits and plan.precision != "gptq":
         net = _load_dequantized(path, hf_config, model_class, plan, _device_map(plan, device_map))
-        return LoadedMoss(net.eval(), tokenizer, plan, end_ids, path)
-    if plan.precision == "gptq":
-        if not gptq_available():
-            raise ImportError(
-                'precision="gptq" needs transformers\' GPTQ integration: pip install gptqmodel optimum (gptqmodel '
-                'compiles its kernels); or load the checkpoint dequantised with precision="fp16"'
-            )
-        from moss_agent.checkpoints.gptq import quantization_config
-
-        hf_config.quantization_config = quantization_config(spec.wbits or 4)  # bits from the tensors
-    kwargs: dict[str, Any] = {"config": hf_config, "dtype": getattr(torch, plan.dtype)}
-    kwargs["device_map"] = _device_map(plan, device_map)
-    if max_memory is not None and isinstance(kwargs["device_map"], str):
-        kwargs["max_memory"] = max_memory
-    if folder is not None:
-        kwargs["offload_folder"] = folder
-    quant = _quantization_config(plan)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    try:
-        net = model_class.from_pretrained(path, **kwargs)
-    except (pickle.UnpicklingError, RuntimeError, OSError) as err:
-        if "weights_only" in str(err) or "Weights only" in str(err) or isinstance(err, pickle.UnpicklingError):
-            raise MossCheckpointError(
-                f"{path}: a weight file holds pickled objects other than tensors; refusing to run them "
-                "(weights load with torch.load(weights_only=True)). Use the official files or safetensors."
-            ) from err
-        raise
+    else:
+        net = _from_pretrained(path, hf_config, model_class, plan, device_map, max_memory, folder)
     if plan.quantization == "int4":
         _quantize_embedding(net, getattr(torch, plan.dtype))
     if adapter is not None:
