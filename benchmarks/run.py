@@ -125,6 +125,8 @@ def run(settings: Settings, threads: int, log: Callable[[str], None] = print) ->
         log(f"  {name}: {time.perf_counter() - t0:.1f} s")
     report["headline"] = headline(report)
     report["total_s"] = round(time.perf_counter() - started, 1)
+    if hasattr(os, "getloadavg"):
+        report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     return report
 
 
@@ -289,7 +291,8 @@ def summary(report: dict[str, Any]) -> str:
     m, model = report["machine"], report["model"]
     lines = [
         f"machine: {m['cpu']}, {m['cpu_count']} CPUs, torch {m['torch']} with {m['torch_threads']} thread(s), "
-        f"transformers {m['transformers']}, load average at start {m['load_average_at_start']}",
+        f"transformers {m['transformers']}, load average at start {m['load_average_at_start']}, "
+        f"at end {m.get('load_average_at_end')}",
         f"model: random CodeGen in the MOSS layout, {model['layers']} layers x {model['width']}, "
         f"{model['parameters'] / 1e6:.1f} M parameters, {model['dtype']}; settings '{report['settings']['name']}', "
         f"{report['settings']['reps']} timed rounds (x3 for the one-prompt rows) after "
