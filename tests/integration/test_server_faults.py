@@ -58,7 +58,7 @@ def test_kill_9_mid_turn_loses_no_committed_turn_and_shows_no_half_turn(tmp_path
             {"model": "m", "stream": True, "conversation_id": "kept", "messages": [{"role": "user", "content": long}]},
         )
         plain = _raw_post(
-            url, {"model": "m", "conversation_id": "half", "messages": [{"role": "user", "content": long}]}
+            url, {"model": "m", "conversation_id": "half", "messages": [{"role": "user", "content": long * 8}]}
         )
         streamed.settimeout(30)
         received = b""
