@@ -8,9 +8,17 @@ tool. Importing this package is light: torch and peft load when training starts.
 """
 
 from moss_agent.checkpoints.adapters import LORA_TARGETS, AdapterError, apply_adapter, is_adapter_dir
-from moss_agent.finetune.data import MalformedDataError, Problem, Sample, load_samples, sample_from_conversation
+from moss_agent.finetune.data import (
+    MalformedDataError,
+    Problem,
+    Sample,
+    load_samples,
+    sample_from_conversation,
+    write_jsonl,
+)
 from moss_agent.finetune.merge import merge_adapter
 from moss_agent.finetune.plan import METHODS, TrainPlan, plan_training
+from moss_agent.finetune.plugin_data import ToolExample, plugin_dataset
 from moss_agent.finetune.spans import IGNORE, Encoded, EncodeStats, encode_sample, encode_samples
 from moss_agent.finetune.train import FinetuneResult, finetune
 
@@ -25,6 +33,7 @@ __all__ = [
     "MalformedDataError",
     "Problem",
     "Sample",
+    "ToolExample",
     "TrainPlan",
     "apply_adapter",
     "encode_sample",
@@ -34,5 +43,7 @@ __all__ = [
     "load_samples",
     "merge_adapter",
     "plan_training",
+    "plugin_dataset",
     "sample_from_conversation",
+    "write_jsonl",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from moss_agent.finetune.batches import batch_order, collate, count_tokens, iter_batches
-from moss_agent.finetune.data import MalformedDataError, Problem, load_samples
+from moss_agent.finetune.data import MalformedDataError, Problem, Sample, load_samples
 from moss_agent.finetune.plan import METHODS, check_options, load_for_training
 from moss_agent.finetune.spans import Encoded, EncodeStats, LossMode, encode_samples
 
@@ -80,14 +80,14 @@ class FinetuneResult:
 
 
 def _prepare(
-    sources: Any, tokenizer: Any, loss: LossMode, max_length: int, strict: bool, what: str
+    read: tuple[list[Sample], list[Problem]], tokenizer: Any, loss: LossMode, max_length: int, what: str, where: Any
 ) -> tuple[list[Encoded], EncodeStats, list[Problem]]:
-    samples, problems = load_samples(sources, strict=strict)
+    samples, problems = read
     encoded, stats = encode_samples(samples, tokenizer, loss=loss, max_length=max_length)
     if not encoded:
         why = f"; {stats.dropped} longer than max_length {max_length} in their first turn" if stats.dropped else ""
         why += f"; {len(problems)} malformed (first: {problems[0]})" if problems else ""
-        raise MalformedDataError(f"no usable {what} conversation in {sources}{why}")
+        raise MalformedDataError(f"no usable {what} conversation in {where}{why}")
     return encoded, stats, problems
 
 
@@ -243,11 +243,13 @@ def finetune(
     """
     method, precision = check_options(method, precision, steps, epochs, batch_size, max_length, loss)
     out_dir = Path(out).expanduser()
+    read = load_samples(data, strict=strict)  # bad data fails before minutes of loading
+    read_eval = load_samples(eval_data, strict=strict) if eval_data else None
     loaded = load_for_training(model, method, precision, batch_size, max_length, lora_r, hardware)
     tokenizer, net = loaded.tokenizer, loaded.model
     pad_id = loaded.end_token_ids["<eom>"]  # the release pads with <eom>
-    encoded, stats, problems = _prepare(data, tokenizer, loss, max_length, strict, "training")
-    held_out = _prepare(eval_data, tokenizer, loss, max_length, strict, "eval")[0] if eval_data else None
+    encoded, stats, problems = _prepare(read, tokenizer, loss, max_length, "training", data)
+    held_out = _prepare(read_eval, tokenizer, loss, max_length, "eval", eval_data)[0] if read_eval else None
 
     import torch
 

@@ -126,12 +126,15 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 
     ckpt = tiny_moss_checkpoint()
     data = write_conversations(tmp_path / "data", n=3)
-    straight = finetune(ckpt, data, tmp_path / "a", steps=4, save_steps=2, precision="fp32", progress=False)
+    options = {"precision": "fp32", "progress": False, "eval_data": data}
+    straight = finetune(ckpt, data, tmp_path / "a", steps=4, save_steps=2, **options)
     assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").iterdir()) == ["step-2", "step-4"]
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-2", tmp_path / "b" / "checkpoints" / "step-2")
-    resumed = finetune(ckpt, data, tmp_path / "b", steps=4, resume=True, precision="fp32", progress=False)
+    resumed = finetune(ckpt, data, tmp_path / "b", steps=4, resume=True, **options)
     assert resumed.losses == straight.losses and resumed.steps == 4
+    assert resumed.eval_loss_first == straight.eval_loss_first and resumed.eval_loss == straight.eval_loss
+    assert straight.eval_loss is not None and straight.eval_loss < straight.eval_loss_first
     a = load_file(tmp_path / "a" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
