@@ -34,6 +34,7 @@ __all__ = [
     "check_files",
     "gptq_bits",
     "load_tokenizer",
+    "looks_like_path",
     "moss_config",
     "read_config",
     "read_tensors",
@@ -59,6 +60,11 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` was meant as a folder (``./m``, ``/m``, ``~/m``, ``a/b/c``), not a hub id (``owner/name``)."""
+    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1 or name.endswith("/")
+
+
 def resolve_checkpoint(model: str | os.PathLike[str], *, weights: bool = True) -> Path:
     """The local directory of ``model``: the directory itself, or a hub snapshot (no remote code files).
 
@@ -74,6 +80,8 @@ def resolve_checkpoint(model: str | os.PathLike[str], *, weights: bool = True) -
     if path.is_dir():
         return path
     name = str(model)
+    if looks_like_path(name):  # never "hf download ./nope"
+        raise MossCheckpointError(f"no such directory: {name}" if not path.exists() else f"{name} is not a directory")
     if not _HUB_ID.fullmatch(name):
         raise MossCheckpointError(f"{name!r} is not a directory and not a hub id like 'fnlp/moss-moon-003-sft'")
     from huggingface_hub import snapshot_download

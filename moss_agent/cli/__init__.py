@@ -133,11 +133,12 @@ def gib_list(text: str) -> tuple[float, ...]:
 
 def model_name(text: str) -> str:
     """``--model`` / ``MODEL``: a directory, or a hub id; something that looks like a path must exist."""
+    from moss_agent.checkpoints.files import looks_like_path
+
     if "://" in text:  # a server's URL: the command says whether it takes one
         return text
     path = Path(text).expanduser()
-    looks_like_path = text.startswith((".", "/", "~")) or "\\" in text or text.count("/") > 1 or text.endswith("/")
-    if looks_like_path and not path.exists():
+    if looks_like_path(text) and not path.exists():
         raise argparse.ArgumentTypeError(f"no such directory: {text}")
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f"{text} is a file: give the checkpoint's directory")

@@ -46,6 +46,11 @@ def test_a_missing_path_is_named_as_one() -> None:
         with pytest.raises(argparse.ArgumentTypeError, match="no such directory"):
             cli.model_name(text)
     assert cli.model_name("fnlp/moss-moon-003-sft") == "fnlp/moss-moon-003-sft"  # a hub id
+    from moss_agent.checkpoints.files import resolve_checkpoint
+    from moss_agent.checkpoints.spec import MossCheckpointError
+
+    with pytest.raises(MossCheckpointError, match=r"^no such directory: \./nope$"):  # the library says so too
+        resolve_checkpoint("./nope")
     assert cli.model_name("http://127.0.0.1:8000/v1") == "http://127.0.0.1:8000/v1"  # a server's URL
 
 

@@ -189,7 +189,7 @@ def test_hub_id_offline_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(MossCheckpointError, match=r"HF_HUB_OFFLINE.*hf download moss-agent-test/absent"):
         load_moss("moss-agent-test/absent", hardware=CPU)
-    with pytest.raises(MossCheckpointError, match="not a directory"):
+    with pytest.raises(MossCheckpointError, match="no such directory: /no/such/moss/dir"):
         load_moss("/no/such/moss/dir", hardware=CPU)
 
 
