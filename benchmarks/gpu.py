@@ -90,7 +90,10 @@ def build_model(shape: dict[str, int], precision: str, device: str) -> Any:
     import torch
     from transformers import CodeGenConfig, CodeGenForCausalLM
 
-    config = CodeGenConfig(n_ctx=shape["n_positions"], tie_word_embeddings=False, **shape)
+    end = shape["vocab_size"] - 1  # any id in the vocabulary: nothing here stops at it
+    config = CodeGenConfig(
+        n_ctx=shape["n_positions"], tie_word_embeddings=False, bos_token_id=end, eos_token_id=end, **shape
+    )
     dtype = torch.float32 if precision == "fp32" else torch.float16
     with torch.device("meta"):
         model = CodeGenForCausalLM(config).to(dtype)  # no memory yet: the dtype is set before allocation
