@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException
 from moss_agent.chat_model import ChatMoss
 from moss_agent.memory.store import SQLiteStore, new_session_id
 from moss_agent.messages import message_text
+from moss_agent.server.batching import BatchingEngine
 from moss_agent.server.page import PAGE_FILES, parse_title
 from moss_agent.server.queue import ModelQueue
 from moss_agent.server.responses import collect, job_error, sse
@@ -141,9 +142,8 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         queue.shutdown()
-        engine = service.chat.engine
-        if engine is not None and hasattr(engine, "close"):
-            engine.close()
+        if isinstance(service.chat.engine, BatchingEngine):  # its thread; the model itself is the caller's
+            service.chat.engine.close()
 
     app = FastAPI(title="moss-agent", version="1", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(GuardMiddleware, allowed_hosts=settings.allowed_hosts)

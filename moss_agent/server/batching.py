@@ -13,7 +13,8 @@ engine; the call becomes a row of the batch that one batching thread runs step b
   client that disconnects stops costing compute after at most one step.
 
 Only :class:`~moss_agent.engines.transformers.TransformersEngine` is batched (the loop uses its model runner
-and prefix cache); any other engine runs one generation at a time behind a lock. Under greedy decoding a
+and prefix cache); a :class:`~moss_agent.engines.remote.RemoteEngine` gets concurrent calls side by side (its
+server batches them); any other engine runs one generation at a time behind a lock. Under greedy decoding a
 batched row gives the tokens it gives alone (masked padding contributes nothing).
 """
 
@@ -95,6 +96,8 @@ class BatchingEngine:
         self.engine = engine
         self.max_batch = max_batch
         self.batched = all(hasattr(engine, a) for a in ("_runner", "_prepare", "_shared_cache", "_lock", "_decode"))
+        # A remote server (vLLM ...) batches concurrent requests itself: they go to it side by side.
+        self.parallel = type(engine).__name__ == "RemoteEngine"
         self._room = self.batched and "room" in inspect.signature(engine._shared_cache).parameters
         self.stats = BatchStats()
         self._tokenizer = threading.RLock()  # a fast tokenizer must not be entered by two threads at once
@@ -134,6 +137,8 @@ class BatchingEngine:
 
     def generate_batch(self, prompts: Sequence[str], params: SamplingParams) -> list[Generation]:
         """Generate for several prompts; they join the batch together."""
+        if self.parallel:
+            return list(self.engine.generate_batch(prompts, params))
         if not self.batched:
             return [self.generate(p, params) for p in prompts]
         rows = [self._submit(p, params) for p in prompts]
@@ -146,6 +151,9 @@ class BatchingEngine:
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
         """Generate, yielding text deltas; closing the stream takes the row out of the batch."""
+        if self.parallel:
+            yield from self.engine.stream(prompt, params)
+            return
         if not self.batched:
             with self._serial:
                 yield from self.engine.stream(prompt, params)

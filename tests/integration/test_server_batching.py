@@ -80,3 +80,35 @@ def test_the_batching_engine_cancels_a_closed_stream(engine: Any) -> None:
     assert batching.stats.steps == after  # the closed stream's row left the batch: nothing runs any more
     assert after - steps < 400
     batching.close()
+
+
+def test_other_engines_run_one_at_a_time_and_remote_ones_side_by_side() -> None:
+    from moss_agent.engines.base import SamplingParams
+    from moss_agent.server.batching import BatchingEngine
+    from moss_agent.testing.scripted_rules import RuleBasedEngine
+
+    class Counting(RuleBasedEngine):
+        running = peak = 0
+
+        def stream(self, prompt: str, params: SamplingParams) -> Any:
+            type(self).running += 1
+            type(self).peak = max(type(self).peak, type(self).running)
+            try:
+                for delta in super().stream(prompt, params):
+                    time.sleep(0.01)
+                    yield delta
+            finally:
+                type(self).running -= 1
+
+    class RemoteEngine(Counting):  # stands for moss_agent.engines.remote.RemoteEngine (a server that batches)
+        running = peak = 0
+
+    for engine, expected in ((Counting(), 1), (RemoteEngine(), 3)):
+        batching = BatchingEngine(engine)
+        prompt = "<|Human|>: Hello there<eoh>\n<|MOSS|>:"
+        threads = [threading.Thread(target=batching.generate, args=(prompt, SamplingParams())) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert type(engine).peak == expected, type(engine).__name__
