@@ -84,6 +84,12 @@ def _key_ring(args: argparse.Namespace) -> Any:
             "(other web sites cannot: Host, Origin and JSON checks keep them out)",
             file=sys.stderr,
         )
+    if args.host in ("0.0.0.0", "::") and not args.allowed_host:
+        print(
+            "note: requests must name an allowed host: add --allowed-host NAME for each name or address clients "
+            "use to reach this machine (the loopback names are allowed)",
+            file=sys.stderr,
+        )
     return ring
 
 

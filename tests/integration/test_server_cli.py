@@ -53,3 +53,10 @@ def test_keys_file_and_admin_key(tmp_path: Path) -> None:
     keys.write_text("alice short\n", encoding="utf-8")
     with pytest.raises(SystemExit, match="shorter than 16"):
         _key_ring(_args("--keys", str(keys)))
+
+
+def test_a_wildcard_address_says_which_hosts_are_allowed(capsys: pytest.CaptureFixture[str]) -> None:
+    _key_ring(_args("--host", "0.0.0.0", "--api-key", "k" * 20))
+    assert "--allowed-host" in capsys.readouterr().err
+    _key_ring(_args("--host", "0.0.0.0", "--api-key", "k" * 20, "--allowed-host", "chat.example.org"))
+    assert "--allowed-host" not in capsys.readouterr().err
