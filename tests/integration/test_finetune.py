@@ -149,3 +149,17 @@ def test_cli_errors_are_one_line(run: dict, tmp_path: Path, capsys: pytest.Captu
         assert "no GPU" in capsys.readouterr().err
     assert main(["demo", "--model", ckpt, "--adapter", str(tmp_path / "missing"), "Hello"]) == 2
     assert "no adapter at" in capsys.readouterr().err
+
+
+def test_cli_reports_skipped_conversations(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = write_conversations(tmp_path / "data", n=2)
+    record = json.loads((data / "conversation_0.json").read_text())
+    record["chat"]["turn_1"]["MOSS"] = "It is 42.<eom>\n"  # no role tag
+    (data / "broken.json").write_text(json.dumps(record), encoding="utf-8")
+    ckpt, out = str(tiny_moss_checkpoint()), str(tmp_path / "out")
+    assert main(["finetune", ckpt, str(data), "--out", out, "--steps", "1", "--quiet", "--precision", "fp32"]) == 0
+    captured = capsys.readouterr()
+    assert "broken.json, turn 1: 'MOSS' segment must start with '<|MOSS|>:'" in captured.err
+    assert "2 conversations (0 cut at a turn to fit --max-length, 0 too long, 1 malformed skipped)" in captured.out
+    assert main(["finetune", ckpt, str(data), "--out", out, "--steps", "1", "--strict"]) == 2
+    assert "broken.json, turn 1" in capsys.readouterr().err
