@@ -1,8 +1,8 @@
 """``moss-agent finetune`` and ``moss-agent merge``: teach MOSS your data, then fold the adapter in.
 
-``finetune MODEL DATA... --out DIR`` trains a LoRA adapter (or QLoRA, or every weight) on MOSS-format
+finetune MODEL DATA... --out DIR trains a LoRA adapter (or QLoRA, or every weight) on MOSS-format
 conversations: SFT conversation JSON files or folders, the release's finetune JSONL, or JSON dumps of LangChain
-message lists. ``--plan-only`` prints the training memory plan and stops. ``merge MODEL ADAPTER OUT`` writes the
+message lists. --plan-only prints the training memory plan and stops. merge MODEL ADAPTER OUT writes the
 adapted model as a checkpoint in the released layout.
 """
 

@@ -304,7 +304,7 @@ def finetune(
         run["masked"] += masked
         seen += trained + masked
         rate = seen / max(time.perf_counter() - began, 1e-9)
-        bar.set_postfix(loss=f"{float(value):.4f}", tok_s=f"{rate:.0f}")
+        bar.set_postfix(loss=f"{run['losses'][-1]:.4f}", tok_s=f"{rate:.0f}")
         bar.update(1)
         if save_steps and (step + 1) % save_steps == 0 and step + 1 < total:
             _save_checkpoint(out_dir, step + 1, net, optimizer, scheduler, run)
