@@ -156,6 +156,7 @@ class ChatLoop:
         read: Returns the next line (raises EOFError at the end, KeyboardInterrupt on Ctrl-C).
         say: Writes a status line (stderr).
         session: ``(name, db path)`` of a stored session, or None.
+        notes: What the plugin checks said at start (``/plugins`` repeats it).
     """
 
     def __init__(
@@ -165,8 +166,10 @@ class ChatLoop:
         read: Callable[[], str],
         say: Callable[[str], None],
         session: tuple[str, str] | None = None,
+        notes: list[str] | None = None,
     ) -> None:
         self.agent, self.printer, self.read, self.say, self.session = agent, printer, read, say, session
+        self.notes = notes or []
 
     def run(self) -> int:
         """Until /quit, Ctrl-D or Ctrl-C at the prompt; returns the exit status (0)."""
@@ -207,7 +210,8 @@ class ChatLoop:
             self.say("Conversation cleared" + (" (its stored turns too)." if self.session else "."))
         elif name == "/plugins":
             on = [t.name for t in self.agent.tools]
-            self.say("Plugins on: " + (", ".join(on) if on else "none") + " (choose with --plugins at start)")
+            head = "Plugins on: " + (", ".join(on) or "none") + " (choose with --plugins at start)"
+            self.say("\n".join([head, *self.notes]))
         elif name == "/session":
             if self.session is None:
                 self.say("No session: this conversation is not kept. Start with --session NAME to keep it.")
@@ -250,7 +254,8 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     def say(text: str) -> None:
         print(text, file=sys.stderr)
 
-    tools = make_plugin_tools(args)  # says which plugins cannot work, before minutes of loading
+    notes: list[str] = []
+    tools = make_plugin_tools(args, notes=notes)  # says which plugins cannot work, before minutes of loading
     say(f"Loading {args.model} ...")
     agent = make_agent(args, args.model, tools)
     agent.chat.get_engine()  # load now, not in the middle of the first answer
@@ -265,7 +270,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     say("Ready. /help for commands; /quit or Ctrl-D to leave." if interactive else "Ready.")
     printer = Printer(sys.stdout, sys.stdout.isatty())
     try:
-        return ChatLoop(agent, printer, read, say, session).run()
+        return ChatLoop(agent, printer, read, say, session, notes).run()
     finally:
         save()
 

@@ -88,8 +88,13 @@ def _text2image(args: argparse.Namespace, say: Callable[[str], None], explicit: 
     return None
 
 
-def make_plugin_tools(args: argparse.Namespace, *, out: Any = None) -> list[Any]:
+def make_plugin_tools(args: argparse.Namespace, *, out: Any = None, notes: list[str] | None = None) -> list[Any]:
     """The plugin tools ``args`` ask for, each checked; one line per plugin that needs saying goes to ``out``.
+
+    Args:
+        args: The parsed options (``plugins``, ``docs``, ``image_model``, ``image_dir``).
+        out: Where the lines go (stderr by default).
+        notes: Also gets the lines (the terminal chat's ``/plugins`` repeats them).
 
     Raises:
         CliError: A plugin named in ``--plugins`` cannot work (the message says what to do).
@@ -100,6 +105,8 @@ def make_plugin_tools(args: argparse.Namespace, *, out: Any = None) -> list[Any]
 
     def say(line: str) -> None:
         print(line, file=stream)
+        if notes is not None:
+            notes.append(line)
 
     explicit = args.plugins.strip() != AUTO
     keys: Sequence[str] = plugin_keys(args.plugins) if explicit else PLUGIN_KEYS

@@ -214,7 +214,8 @@ def run_loop(lines: list[str | BaseException], session: tuple[str, str] | None =
 
     out, said = io.StringIO(), []
     agent = FakeAgent()
-    status = ChatLoop(agent, Printer(out, color=False), read, said.append, session).run()
+    notes = ["Search: off, nothing to search"]
+    status = ChatLoop(agent, Printer(out, color=False), read, said.append, session, notes).run()
     assert status == 0
     return out.getvalue(), "\n".join(said), agent
 
@@ -224,7 +225,8 @@ def test_chat_commands_and_clean_endings() -> None:
     assert out == "You said **hello**\n"  # an empty line does not quit; piped output is plain text
     for word in ("/quit", "/reset", "/plugins", "/session", "/help"):
         assert word in said
-    assert "Plugins on: Calculate" in said and "No session" in said and "Unknown command /nope" in said
+    assert "Plugins on: Calculate (choose with --plugins at start)\nSearch: off" in said
+    assert "No session" in said and "Unknown command /nope" in said
     assert agent.resets == 1
     _, said, _ = run_loop(["hi", "/session"], session=("work", "/data/db.sqlite3"))
     assert "Session 'work' in /data/db.sqlite3: 1 turn." in said
