@@ -157,9 +157,9 @@ class ModelQueue:
                 )
             self._pending += 1
             self._per_user[user] = self._per_user.get(user, 0) + 1
-            if user not in self._lines:
+            if user not in self._lines:  # a user with nothing waiting goes first: served least recently
                 self._lines[user] = deque()
-                self._order.append(user)
+                self._order.appendleft(user)
             self._lines[user].append(entry)
             self._cond.notify()
         try:

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.allow_hosts(["127.0.0.1"]), pytest.mark.timeout(120)]
 class SlowEngine(RuleBasedEngine):
     """The rule-based engine, ``delay`` seconds per streamed token; counts started and finished streams."""
 
-    delay = 0.03
+    delay = 0.05  # a reply of 20 tokens takes a second
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -82,7 +82,7 @@ def test_dropped_non_streaming_requests_are_cancelled_queued_and_running(
     _wait(lambda: engine.started >= 1)
     for sock in sockets:
         sock.close()
-    time.sleep(1.5)
+    time.sleep(2.0)  # long enough for the running reply to end, and the next to start, had they not been cancelled
     assert engine.started <= 2, engine.started  # the queued ones never ran
     assert engine.finished == 0  # the running one stopped mid-reply
     assert store.list_sessions() == []  # and nothing of a cancelled turn was stored
@@ -99,7 +99,7 @@ def test_a_dropped_stream_stops_generating_and_stores_nothing(slow: tuple[str, S
     assert b"data:" in sock.recv(4096)
     sock.close()
     tokens = engine.tokens
-    time.sleep(1.0)
+    time.sleep(1.5)
     assert engine.tokens - tokens <= 3 and engine.finished == 0
     assert store.list_sessions() == []
 
@@ -141,4 +141,4 @@ def test_one_user_cannot_starve_another_and_429_says_when_to_retry(tmp_path: Pat
     assert statuses.count(429) == 2  # alice may hold 5 requests; her 6th and 7th were refused
     assert done["bob 0"] > 0
     served = [t for t in engine.order if t.startswith(("alice", "bob"))]
-    assert served.index("bob 0") <= 2, served  # bob waited for at most the running job and one more of alice's
+    assert served.index("bob 0") == 1, served  # bob waited only for the job that was running
