@@ -6,10 +6,12 @@ is picked from the model's signature, so no deprecation warning is triggered eit
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from moss_agent.engines.codegen_step import lean_step, supports_lean_step
 from moss_agent.engines.decoding import common_prefix
 
 if TYPE_CHECKING:
@@ -39,6 +41,7 @@ class ModelRunner:
             self._extra["logits_to_keep"] = 1
         self._cache: Any = None
         self.cached_ids: list[int] = []
+        self._lean: bool | None = None if supports_lean_step(model) else False  # None: checked at first use
 
     @property
     def device(self) -> torch.device:
@@ -57,7 +60,21 @@ class ModelRunner:
     def forward(
         self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, mask: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Run ``ids`` (batch, n) after what ``cache`` holds, updating it; the last position's logits."""
+        """Run ``ids`` (batch, n) after what ``cache`` holds, updating it; the last position's logits.
+
+        One token of one sequence goes through :func:`~moss_agent.engines.codegen_step.lean_step` once the
+        first such step has shown it gives the model's own logits, bit for bit.
+        """
+        if self._lean is not False and mask is None and ids.shape == (1, 1):
+            if self._lean:
+                return lean_step(self.model, ids, positions, cache)
+            probe = copy.deepcopy(cache)
+            want = self._model_forward(ids, positions, cache, mask)
+            self._lean = bool(lean_step(self.model, ids, positions, probe).equal(want))
+            return want
+        return self._model_forward(ids, positions, cache, mask)
+
+    def _model_forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, mask: Any) -> torch.Tensor:
         out = self.model(
             input_ids=ids,
             position_ids=positions,

@@ -92,3 +92,34 @@ def test_batch_operations_and_deepcopy_keep_it_right(runner: ModelRunner) -> Non
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert _layers(cache)[0].keys.shape[0] == 1  # the original is untouched
+
+
+def test_lean_step_gives_the_models_logits_bit_for_bit(runner: ModelRunner) -> None:
+    from moss_agent.engines.codegen_step import lean_step, supports_lean_step
+
+    assert supports_lean_step(runner.model)
+    ids = list(range(9, 40))
+    ours, theirs = preallocated_cache(runner.model.config, 64), _dynamic(runner)
+    with torch.inference_mode():
+        for cache in (ours, theirs):
+            runner._model_forward(torch.tensor([ids]), torch.arange(len(ids)).unsqueeze(0), cache, None)
+        token = torch.tensor([[5]])
+        for pos in range(len(ids), len(ids) + 5):
+            got = lean_step(runner.model, token, torch.tensor([[pos]]), ours)
+            want = runner._model_forward(token, torch.tensor([[pos]]), theirs, None)
+            assert torch.equal(got, want)
+            token = got.argmax(-1, keepdim=True)
+
+
+def test_runner_turns_the_lean_step_on_only_when_it_matches(monkeypatch: pytest.MonkeyPatch) -> None:
+    import moss_agent.engines.kv_cache as kv
+
+    model = load_moss(tiny_moss_checkpoint(dtype="float32"), precision="fp32").model
+    good = ModelRunner(model)
+    assert good._lean is None
+    want = _steps(good, preallocated_cache(model.config, 40), list(range(5, 15)))
+    assert good._lean is True
+    monkeypatch.setattr(kv, "lean_step", lambda *args: torch.zeros(1, model.config.vocab_size))
+    bad = ModelRunner(model)
+    got = _steps(bad, preallocated_cache(model.config, 40), list(range(5, 15)))
+    assert bad._lean is False and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
