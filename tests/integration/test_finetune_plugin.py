@@ -79,6 +79,7 @@ def _calculator_data(folder: Path, n: int = 2) -> list:
     return [sample_from_conversation(c, f"shared {i}") for i, c in enumerate(conversations)]
 
 
+@pytest.mark.slow
 def test_a_tiny_model_learns_to_call_a_new_tool(tmp_path: Path) -> None:
     from moss_agent.chat_model import ChatMoss
 

@@ -161,3 +161,22 @@ def test_every_shared_conversation_reads(tokenizer) -> None:
     samples, problems = load_samples(MOSS_DATA)
     assert problems == [] and len(samples) == 888
     assert all(s.to_text().startswith(fmt.META_INSTRUCTION) for s in samples)
+
+
+def test_a_langgraph_style_dump_becomes_training_data(tmp_path: Path, tokenizer) -> None:
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage, messages_to_dict
+
+    messages = [
+        HumanMessage("What is the weather in Oslo?"),
+        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Oslo"}, "id": "c1"}]),
+        ToolMessage("Snow, -3 C.", tool_call_id="c1"),
+        AIMessage("It is snowing in Oslo, -3 C."),
+    ]
+    (tmp_path / "graph.json").write_text(json.dumps({"messages": messages_to_dict(messages)}), encoding="utf-8")
+    (sample,), problems = load_samples(tmp_path / "graph.json")
+    assert problems == []
+    turn = dict(sample.turns[0])
+    assert turn["Commands"] == '<|Commands|>: get_weather("Oslo")<eoc>\n'
+    assert "Snow, -3 C." in turn["Tool Responses"] and turn["MOSS"] == "<|MOSS|>: It is snowing in Oslo, -3 C.<eom>\n"
+    assert "get_weather" in sample.meta_instruction  # the tool's switch line, as ChatMoss renders it
+    assert encode_sample(sample, tokenizer) is not None
