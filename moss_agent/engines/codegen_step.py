@@ -4,8 +4,8 @@ For every generated token transformers' forward runs module hooks, output record
 keyword plumbing through 8 to 34 blocks; for one new token of one sequence none of that does anything. The
 step here applies the same torch operations in the same order, reading the model's own modules and
 parameters, so its logits are bitwise those of the model's forward. :class:`ModelRunner
-<moss_agent.engines.kv_cache.ModelRunner>` checks that on the first decode step of every runner and uses the
-lean step only when it holds (another transformers version, another attention implementation or a device map
+<moss_agent.engines.kv_cache.ModelRunner>` checks that on a short probe before its first decode step and uses
+the lean step only when it holds (another transformers version, another attention implementation or a device map
 simply keep the model's forward).
 
 Measured on a shared 2-core CPU, greedy, 317-token prompt and 32 new tokens: 8 % off the whole generation on a

@@ -6,7 +6,6 @@ is picked from the model's signature, so no deprecation warning is triggered eit
 
 from __future__ import annotations
 
-import copy
 import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -62,17 +61,26 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Run ``ids`` (batch, n) after what ``cache`` holds, updating it; the last position's logits.
 
-        One token of one sequence goes through :func:`~moss_agent.engines.codegen_step.lean_step` once the
-        first such step has shown it gives the model's own logits, bit for bit.
+        One token of one sequence goes through :func:`~moss_agent.engines.codegen_step.lean_step` once a probe
+        (at the first such call) has shown that it gives the model's own logits, bit for bit.
         """
-        if self._lean is not False and mask is None and ids.shape == (1, 1):
-            if self._lean:
-                return lean_step(self.model, ids, positions, cache)
-            probe = copy.deepcopy(cache)
-            want = self._model_forward(ids, positions, cache, mask)
-            self._lean = bool(lean_step(self.model, ids, positions, probe).equal(want))
-            return want
+        if self._lean is None and mask is None and ids.shape == (1, 1):
+            self._lean = self._lean_matches(ids.device)
+        if self._lean and mask is None and ids.shape == (1, 1):
+            return lean_step(self.model, ids, positions, cache)
         return self._model_forward(ids, positions, cache, mask)
+
+    def _lean_matches(self, device: torch.device) -> bool:
+        """Whether the lean step gives the model's logits bit for bit (a 3-token probe, then one step each)."""
+        import torch
+
+        ids, positions = torch.tensor([[0, 1, 2]], device=device), torch.arange(3, device=device).unsqueeze(0)
+        token, position = torch.tensor([[3]], device=device), torch.tensor([[3]], device=device)
+        lean, full = self.new_cache(4), self.new_cache(4)
+        for cache in (lean, full):
+            self._model_forward(ids, positions, cache, None)
+        want = self._model_forward(token, position, full, None)
+        return bool(lean_step(self.model, token, position, lean).equal(want))
 
     def _model_forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: Any, mask: Any) -> torch.Tensor:
         out = self.model(
