@@ -43,7 +43,8 @@ def merge_adapter(
     target = Path(out).expanduser()
     if (target / "config.json").exists():
         raise FileExistsError(f"{target} already holds a checkpoint; choose an empty directory")
-    loaded = load_moss(model, precision="fp32", device_map="cpu")  # merge in fp32, round once when writing
+    precision = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
+    loaded = load_moss(model, precision=precision, device_map="cpu")  # in the written dtype: half the RAM of fp32
     merged = apply_adapter(loaded.model, adapter, merge=True)
     write_checkpoint(merged, loaded.path, target, dtype=dtype)
     return target
