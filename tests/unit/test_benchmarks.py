@@ -94,3 +94,16 @@ def test_plan_figures_cover_the_published_table() -> None:
     assert [published for _, published in pairs] == [x for row in PUBLISHED_GB.values() for x in row]
     worst = max(abs(got / published - 1) * 100 for got, published in pairs)
     assert figures["plan_estimate_max_error_pct"] == round(worst, 1)
+
+
+def test_realism_row_replays_the_agents_prompts_token_for_token() -> None:
+    from benchmarks.harness import SETTINGS, Settings, build_bench
+    from benchmarks.peers import realism
+
+    bench = build_bench(Settings(**{**vars(SETTINGS["tiniest"]), "reps": 1}))
+    row = realism(bench)  # asserts equal tokens on every pass before timing
+    if "skipped" in row:
+        pytest.skip(row["skipped"])
+    assert row["realism_generations"] >= row["realism_questions"] == 4
+    assert 0 < row["realism_moss_agent_prefilled_tokens"] < row["realism_langchain_huggingface_prefilled_tokens"]
+    assert row["realism_generated_tokens"] > 0 and row["realism_speedup"] > 0
