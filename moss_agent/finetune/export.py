@@ -51,4 +51,4 @@ def save_trained(model: Any, method: str, loaded: Any, out: Path) -> None:
     if method == "full":
         write_checkpoint(model, loaded.path, out, dtype=str(loaded.model.dtype).removeprefix("torch."))
         return
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), save_embedding_layers=False)  # LoRA only: no lookup of the base config
