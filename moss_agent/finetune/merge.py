@@ -34,7 +34,7 @@ def merge_adapter(
         AdapterError: A missing or mismatched adapter.
         FileExistsError: When ``out`` already holds a checkpoint.
     """
-    from moss_agent.checkpoints.adapters import apply_adapter
+    from moss_agent.checkpoints.adapters import apply_adapter, check_adapter
     from moss_agent.checkpoints.loading import load_moss
     from moss_agent.finetune.export import write_checkpoint
 
@@ -43,6 +43,7 @@ def merge_adapter(
     target = Path(out).expanduser()
     if (target / "config.json").exists():
         raise FileExistsError(f"{target} already holds a checkpoint; choose an empty directory")
+    check_adapter(adapter)  # before minutes of loading
     precision = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}[dtype]
     loaded = load_moss(model, precision=precision, device_map="cpu")  # in the written dtype: half the RAM of fp32
     merged = apply_adapter(loaded.model, adapter, merge=True)
