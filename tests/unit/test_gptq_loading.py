@@ -205,3 +205,18 @@ def test_the_release_s_fp16_rotary_table_drifts_as_documented() -> None:
     assert float(drift[:513].max()) == pytest.approx(0.19, abs=0.01)
     angle = (torch.arange(2048.0)[:, None] * (inv16.float() - inv32)).abs().max()
     assert float(angle) == pytest.approx(0.78, abs=0.01)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not plan_module.gptq_available(), reason="gptqmodel and optimum are not installed")
+def test_kept_packed_route_matches_the_exact_dequantisation(ckpt: tuple[Path, int]) -> None:
+    path, bits = ckpt
+    exact = load_moss(path, precision="fp32", device_map="cpu").model
+    kept = load_moss(path, precision="gptq")
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        reference = exact(ids).logits
+        logits = kept.model(ids.to(next(kept.model.parameters()).device)).logits.float().cpu()
+    assert kept.plan.precision == "gptq" and kept.plan.spec.wbits == bits
+    assert float((logits - reference).abs().max()) < 3e-3  # fp16 kernels: measured 1e-3
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
