@@ -76,8 +76,8 @@ def _release_logits(path: Path, ids: list[list[int]], out: Path, release: Path, 
 def main() -> None:
     """Compare and print one line per checkpoint and precision."""
     if len(sys.argv) > 1 and sys.argv[1] == "--oracle":
-        path, ids, out, release, wbits = sys.argv[2:7]
-        _release_logits(Path(path), json.loads(ids), Path(out), Path(release), int(wbits) or None)
+        where, tokens, into, code, bits = sys.argv[2:7]
+        _release_logits(Path(where), json.loads(tokens), Path(into), Path(code), int(bits) or None)
         return
     import torch
 
