@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 RELEASE = Path(__file__).resolve().parents[1].parent / "shared" / "moss_release"
-SIZES = {"n_embd": 128, "n_head": 4, "n_layer": 2, "rotary_dim": 16}
+SIZES: dict[str, Any] = {"n_embd": 128, "n_head": 4, "n_layer": 2, "rotary_dim": 16}
 
 
 def _release_logits(path: Path, ids: list[list[int]], out: Path, release: Path, wbits: int | None) -> None:
