@@ -222,11 +222,12 @@ class Passes:
         )
         if outcome.tool_calls:
             return None
-        if outcome.invalid and (self.chat.invalid_commands == "return" or choice != "auto"):
-            return None
-        if outcome.invalid and done:  # a later round: its malformed commands are dropped, MOSS replies
+        if outcome.invalid and done and choice == "auto":
+            # A later round: MOSS has results to answer from, so malformed commands are dropped and it replies.
             outcome.invalid = []
             return parsed.repaired
+        if outcome.invalid and (self.chat.invalid_commands == "return" or choice != "auto"):
+            return None
         if outcome.invalid:  # nothing to run: MOSS reads the errors as its results and answers (as MossAgent does)
             outcome.results = "\n" + "".join(
                 format_result_entry(str(c["args"]), str(c["error"]), "inline") for c in outcome.invalid

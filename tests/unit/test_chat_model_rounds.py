@@ -154,3 +154,21 @@ def test_the_tool_rounds_benchmark_runs(capsys: pytest.CaptureFixture[str]) -> N
     lines = capsys.readouterr().out.splitlines()
     one, three = (line.split() for line in lines[-2:])
     assert one[0] == "1" and three[0] == "3" and int(one[2]) == 0 and int(three[2]) >= 1  # called again only with 3
+
+
+def test_a_malformed_command_in_a_later_round_is_dropped_and_moss_replies() -> None:
+    # Measured on the demonstration model: after results it may start a command it cannot finish.
+    engine = ScriptedEngine(
+        [
+            f' Need math.{fmt.EOT}\n{fmt.COMMANDS}: Calculate("2*3"){fmt.EOC}',
+            f' Again.{fmt.EOT}\n{fmt.COMMANDS}: Calculate("6.{fmt.EOC}',  # unclosed
+            f" It is 6.{fmt.EOM}",
+        ]
+    )
+    bound = ChatMoss(engine=engine).bind_tools([CalculatorTool()])
+    first = bound.invoke("What is 2*3?")
+    second = bound.invoke(
+        [HumanMessage("What is 2*3?"), first, ToolMessage("6", tool_call_id=first.tool_calls[0]["id"])]
+    )
+    assert second.content == "It is 6." and not second.tool_calls and not second.invalid_tool_calls
+    assert engine.prompts[2].endswith(f"\n{fmt.EOR}\n{fmt.MOSS}:")
