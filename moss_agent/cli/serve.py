@@ -98,7 +98,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from moss_agent.chat_model import ChatMoss
     from moss_agent.cli.plugins import make_plugin_tools
-    from moss_agent.engines.transformers import TransformersEngine
     from moss_agent.memory.store import SQLiteStore
     from moss_agent.server.app import create_app
     from moss_agent.server.schemas import ServerSettings
@@ -111,9 +110,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     tools = make_plugin_tools(args)  # says which plugins cannot work, before the model loads
     ring = _key_ring(args)  # refuses an open server on a network address, before the model loads
     print(f"Loading {args.model} ...", file=sys.stderr)
-    engine = TransformersEngine.from_pretrained(  # before the first request
-        args.model, precision=args.precision, adapter=args.adapter
-    )
+    chat = ChatMoss(model=args.model, precision=args.precision, adapter=args.adapter)
+    chat.get_engine()  # before the first request: the process's one engine for this checkpoint (moss_agent.registry)
     settings = ServerSettings(
         api_key=args.api_key or None,
         max_request_bytes=args.max_request_bytes,
@@ -126,7 +124,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_queue_per_user=args.max_queue_per_user,
     )
     app = create_app(
-        ChatMoss(engine=engine),
+        chat,
         tools=tools,
         store=SQLiteStore(args.db),
         image_dir=args.image_dir,
