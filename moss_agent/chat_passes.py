@@ -12,9 +12,9 @@ schema is a tool MOSS is made to call instead of replying; its arguments become 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from langchain_core.messages import BaseMessage
 from langchain_core.messages.tool import invalid_tool_call
@@ -29,10 +29,22 @@ from moss_agent.protocol.plugins import format_result_entry
 from moss_agent.rendering import RenderedChat, render_messages
 from moss_agent.tool_binding import BoundTool, ToolChoice, bind_tools, new_call_id, resolve_tool_choice, to_tool_call
 
-if TYPE_CHECKING:
-    from moss_agent.chat_model import ChatMoss
+__all__ = ["ChatFace", "Outcome", "Passes", "Piece", "Prepared", "prepare", "response_schema"]
 
-__all__ = ["Outcome", "Passes", "Piece", "Prepared", "prepare", "response_schema"]
+
+class ChatFace(Protocol):
+    """What the passes read of the ChatMoss that runs them (a protocol, so that ChatMoss imports this module)."""
+
+    switch_style: fmt.SwitchStyle
+    max_tool_rounds: int
+    invalid_commands: Literal["return", "answer"]
+
+    def _check_model(self, kwargs: Mapping[str, Any]) -> None: ...
+
+    def _params(
+        self, stop: Sequence[str] | None, stop_tokens: tuple[str, ...], options: Mapping[str, Any] | None = None
+    ) -> SamplingParams: ...
+
 
 Run = Callable[[str, SamplingParams], Iterator[Delta]]
 """Runs one generation pass, yielding deltas (one whole delta when not streaming)."""
@@ -108,7 +120,7 @@ class Prepared:
         return self.choice != "auto" or self.schema is not None or len(pending.rounds) < self.rounds
 
 
-def prepare(chat: ChatMoss, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> Prepared:
+def prepare(chat: ChatFace, messages: Sequence[BaseMessage], kwargs: dict[str, Any]) -> Prepared:
     """Render ``messages`` with the call's tools, tool choice and response format.
 
     Raises:
@@ -142,7 +154,7 @@ class Passes:
 
     def __init__(
         self,
-        chat: ChatMoss,
+        chat: ChatFace,
         run: Run,
         stop: list[str] | None,
         options: dict[str, Any],

@@ -372,14 +372,3 @@ def _default_system(turns: Sequence[_Open]) -> str:
         if _plugins.by_api(n) is None and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", n)
     ]
     return fmt.system_prompt(trained, extra=extra, inner_thoughts=bool(names) or None)
-
-
-_MOVED = ("PendingTurn", "RenderedChat", "render_messages", "system_text")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:  # the prompt of a conversation in progress moved to moss_agent.rendering
-        from moss_agent import rendering
-
-        return getattr(rendering, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

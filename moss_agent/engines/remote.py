@@ -31,18 +31,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from langchain_core.exceptions import (
-    ModelAPIError,
-    ModelAuthenticationError,
-    ModelConnectionError,
-    ModelError,
-    ModelInvalidRequestError,
-    ModelNotFoundError,
-    ModelPermissionDeniedError,
-    ModelTimeoutError,
-)
-
 from moss_agent.engines.base import Delta, Generation, SamplingParams, StopCutter, fit_context
+from moss_agent.engines.wire import (
+    RemoteEngineError,
+    ServerResponseError,
+    ServerTimeoutError,
+    ServerUnavailableError,
+    error_detail,
+    retry_after,
+    sse_events,
+    status_error,
+)
 from moss_agent.protocol.format import END_TOKENS, EOM
 
 __all__ = [
@@ -60,45 +59,6 @@ Dialect = Literal["openai", "vllm", "transformers"]
 _RETRY_STATUS = frozenset({408, 429, 502, 503, 504})
 _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
 _END = re.compile("|".join(re.escape(t) for t in END_TOKENS))
-
-
-class RemoteEngineError(RuntimeError):
-    """The server could not be used."""
-
-
-class ServerUnavailableError(RemoteEngineError, ModelConnectionError):
-    """No answer: connection refused, timed out, or the server stayed overloaded through every retry."""
-
-
-class ServerTimeoutError(ServerUnavailableError, ModelTimeoutError):
-    """The server sent nothing for ``timeout`` seconds."""
-
-
-class ServerResponseError(RemoteEngineError, ModelError):
-    """The server refused the request or answered something that is not an OpenAI completion."""
-
-
-_STATUS_KINDS: dict[int, type[ModelError]] = {
-    400: ModelInvalidRequestError,
-    401: ModelAuthenticationError,
-    403: ModelPermissionDeniedError,
-    404: ModelNotFoundError,
-    422: ModelInvalidRequestError,
-}
-
-
-_STATUS_CLASSES: dict[type[ModelError], type[ServerResponseError]] = {}
-
-
-def _status_error(status: int) -> type[ServerResponseError]:
-    """The error for an HTTP status: also LangChain's ModelError of that status, where it has one."""
-    kind = _STATUS_KINDS.get(status, ModelAPIError if status >= 500 else None)
-    if kind is None:
-        return ServerResponseError
-    if kind not in _STATUS_CLASSES:
-        name = f"Server{kind.__name__.removeprefix('Model')}"
-        _STATUS_CLASSES[kind] = type(name, (ServerResponseError, kind), {"__module__": __name__})
-    return _STATUS_CLASSES[kind]
 
 
 class _Completion(StopCutter):
@@ -261,12 +221,12 @@ class RemoteEngine:
             else:
                 if response.status_code < 400:
                     return response
-                detail = _error_detail(response)
+                detail = error_detail(response)
                 if response.status_code not in _RETRY_STATUS:
                     hint = " (check the API key)" if response.status_code in (401, 403) else ""
-                    raise _status_error(response.status_code)(f"{url} answered {response.status_code}{hint}: {detail}")
+                    raise status_error(response.status_code)(f"{url} answered {response.status_code}{hint}: {detail}")
                 why = f"{response.status_code}: {detail}"
-                delay = _retry_after(response, delay)
+                delay = retry_after(response, delay)
             if attempt < self.max_retries:
                 time.sleep(delay)
         raise ServerUnavailableError(
@@ -348,7 +308,7 @@ class RemoteEngine:
         usage: dict[str, Any] = {}
         response = self._send("POST", "/completions", self._body(prompt, params, stream=True))
         try:
-            for data in _sse(response, self.base_url):
+            for data in sse_events(response, self.base_url):
                 if data.get("model") and self.model is None:
                     self.model = str(data["model"])
                 usage = data.get("usage") or usage
@@ -401,57 +361,3 @@ class RemoteEngine:
         workers = max(1, min(self.max_concurrency, len(prompts)))
         with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="moss-remote") as pool:
             return list(pool.map(lambda p: self.generate(p, params), prompts))
-
-
-def _error_detail(response: Any) -> str:
-    """The server's error message from an error response (JSON ``error`` / ``detail`` / ``message``, or text)."""
-    text = response.read().decode("utf-8", "replace")
-    response.close()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    error = data.get("error", data.get("detail", data.get("message", text))) if isinstance(data, dict) else text
-    error = error.get("message", error) if isinstance(error, dict) else error
-    return str(error)[:500] or str(response.reason_phrase)
-
-
-def _retry_after(response: Any, default: float) -> float:
-    value = response.headers.get("retry-after", "")
-    try:
-        return min(float(value), 60.0)
-    except ValueError:
-        return default
-
-
-def _json_object(text: str, what: str) -> dict[str, Any]:
-    """``text`` parsed as a JSON object, or a :class:`ServerResponseError` naming ``what`` it came from."""
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if not isinstance(data, dict):
-        raise ServerResponseError(f"{what} is not a JSON object: {text[:300]!r}")
-    if "error" in data:
-        error = data["error"]
-        raise ServerResponseError(
-            f"{what} reports an error: {error.get('message', error) if isinstance(error, dict) else error}"
-        )
-    return data
-
-
-def _sse(response: Any, base_url: str) -> Iterator[dict[str, Any]]:
-    """The JSON events of a server-sent-event stream (or the one JSON body of a server that ignores ``stream``)."""
-    kind = response.headers.get("content-type", "")
-    if "text/event-stream" not in kind:
-        data = _json_object(response.read().decode("utf-8", "replace"), f"{base_url}/completions' {kind} answer")
-        if "choices" not in data:
-            raise ServerResponseError(f"{base_url}/completions answered JSON without choices: {data}")
-        yield data
-        return
-    for line in response.iter_lines():
-        if not line.startswith("data:"):
-            continue  # comments, event names and blank separators
-        if (payload := line[5:].strip()) == "[DONE]":
-            return
-        yield _json_object(payload, f"a streamed line of {base_url}/completions")

@@ -40,12 +40,11 @@ from moss_agent.messages import (
     REASONING,
     from_messages,
     message_text,
-    render_messages,
-    system_text,
     to_messages,
 )
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol import plugins as _plugins
+from moss_agent.rendering import render_messages, system_text
 from moss_agent.server.batching import BatchingEngine
 from moss_agent.server.staging import StagedSession
 from moss_agent.tool_binding import bind_tools
