@@ -67,6 +67,7 @@ class Evaluator:
         self.max_bits = limits.max_int_bits
 
     def __call__(self, node: ast.expr) -> Value:
+        """The value of a checked expression node (exact integers under the limits, else doubles)."""
         if isinstance(node, ast.Constant):
             return self._int(node.value) if isinstance(node.value, int) else _double(node.value)
         if isinstance(node, ast.Name):
