@@ -170,9 +170,14 @@ def _model_config(source: dict[str, Any], target: Format, dtype: str, bos: int |
 def _write_tokenizer(src: Path, out: Path, n_positions: int) -> tuple[int | None, int, int]:
     """Write ``tokenizer.json`` and ``tokenizer_config.json``; returns the bos and ``<eom>`` ids and the token count."""
     from moss_agent.checkpoints.loading import load_tokenizer
+    from moss_agent.checkpoints.tokenization import SAVED_STRIPS_KEY, MossTokenizerFast
 
     tokenizer, end_ids = load_tokenizer(src)  # MOSS's vocab.json / merges.txt / added tokens, never remote code
-    tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    # The added tokens carry the release's stripping as lstrip / rstrip, so that servers reading tokenizer.json
+    # with plain BPE get (nearly) the release's ids; MossTokenizerFast.release_backend_json says where not.
+    moss = isinstance(tokenizer, MossTokenizerFast)  # else a tokenizer the source names: kept as it is
+    backend = tokenizer.release_backend_json() if moss else tokenizer.backend_tokenizer.to_str()
+    (out / "tokenizer.json").write_text(backend, encoding="utf-8")
     special = {"bos_token": tokenizer.bos_token, "eos_token": fmt.EOM, "unk_token": tokenizer.unk_token}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # tokenizer.json as it is, in transformers 4.x and 5.x
@@ -183,6 +188,8 @@ def _write_tokenizer(src: Path, out: Path, n_positions: int) -> tuple[int | None
         "clean_up_tokenization_spaces": False,  # decode must give back the exact text
         "model_max_length": n_positions,
     }
+    if moss:  # load_tokenizer strips as the source did (on its own cuts the flags have no effect)
+        config[SAVED_STRIPS_KEY] = tokenizer.saved_strips()
     write_json(out / "tokenizer_config.json", config)
     write_json(out / "special_tokens_map.json", special)
     return tokenizer.bos_token_id, end_ids[fmt.EOM], len(tokenizer)

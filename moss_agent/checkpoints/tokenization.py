@@ -247,13 +247,40 @@ class MossTokenizerFast(GPT2TokenizerFast):  # type: ignore[misc]
         on the saved folder cuts and strips as this tokenizer does.
         """
         saved = super().save_pretrained(save_directory, *args, **kwargs)
-        rules = self.release_rules()
-        specials = {str(t) for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token) if t}
         path = Path(save_directory) / "tokenizer_config.json"
         config = json.loads(path.read_text(encoding="utf-8"))
-        config[SAVED_STRIPS_KEY] = {t: list(rules.strips.get(t, _BOTH)) for t in sorted({*rules.strips, *specials})}
+        config[SAVED_STRIPS_KEY] = self.saved_strips()
         path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
         return saved
+
+    def saved_strips(self) -> dict[str, list[bool]]:
+        """The value saved under :data:`SAVED_STRIPS_KEY`.
+
+        ``[lstrip, rstrip]`` of the special tokens and of every token that does not strip on both sides.
+        """
+        rules = self.release_rules()
+        specials = {str(t) for t in (self.bos_token, self.eos_token, self.unk_token, self.pad_token) if t}
+        return {t: list(rules.strips.get(t, _BOTH)) for t in sorted({*rules.strips, *specials})}
+
+    def release_backend_json(self) -> str:
+        r"""This tokenizer's ``tokenizer.json`` with the release's stripping as the added tokens' lstrip / rstrip.
+
+        Plain ``tokenizers`` (servers) then strips nearly as the release did; it differs in three ways. It strips
+        by Rust's ``char::is_whitespace``, which leaves ``\x1c``-``\x1f`` (``str.strip`` takes them). Its
+        rstrip eats all the whitespace after a token, whitespace-run tokens included, where the release strips
+        only the next piece (``"x;  \n  y"``: the release keeps both runs and drops the newline). A run just
+        before a token that lstrips stays, where the release drops it. A :class:`MossTokenizerFast` loaded from
+        the result strips by its own cuts (``release`` mode), on which the flags have no further effect.
+        """
+        rules = self.release_rules()
+        data = json.loads(self.backend_tokenizer.to_str())
+        for added in data.get("added_tokens") or ():
+            if added.get("content") in rules.tokens:
+                added["lstrip"], added["rstrip"] = rules.strips.get(added["content"], _BOTH)
+                # tokenizers 0.23 panics ("AddedVocabulary bad split") on a whitespace token that lstrips but
+                # not rstrips, found inside whitespace another token's rstrip ate: such a token rstrips too.
+                added["rstrip"] = added["rstrip"] or (added["lstrip"] and not added["content"].strip())
+        return json.dumps(data, ensure_ascii=False)
 
     def release_pieces(self, text: str) -> list[str]:
         """The pieces the release encodes one by one: added tokens and the text between them, whitespace stripped."""

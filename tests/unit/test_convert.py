@@ -204,7 +204,8 @@ def test_conversion_streams_with_private_memory_well_under_the_checkpoint(tmp_pa
 
 @lru_cache(maxsize=1)
 def _reference_bpe(path: str) -> Any:
-    """GPT-2's byte-level BPE as the slow MossTokenizer ran it: added tokens split first, then regex + merges."""
+    """GPT-2's byte-level BPE as the slow MossTokenizer ran it: added tokens split first, the whitespace next to
+    them stripped, then regex + merges (the tiny checkpoint's added tokens are the end tokens, no whitespace runs)."""
     import regex
 
     vocab = json.loads((Path(path) / "vocab.json").read_text(encoding="utf-8"))
@@ -238,7 +239,10 @@ def _reference_bpe(path: str) -> Any:
 
     def encode(text: str) -> list[int]:
         ids: list[int] = []
-        for piece in splitter.split(text):
+        pieces = splitter.split(text)  # text, token, text, ..., text
+        for i in range(1, len(pieces), 2):  # every token here is a plain string: it strips both sides
+            pieces[i - 1], pieces[i + 1] = pieces[i - 1].rstrip(), pieces[i + 1].lstrip()
+        for piece in pieces:
             if piece in added:
                 ids.append(added[piece])
             elif piece in vocab and piece in special:
@@ -270,20 +274,29 @@ SAMPLES = [
 ]
 
 
-def test_tokenizer_json_splits_text_exactly_as_the_moss_tokenizer(source: Path, gptj: Path) -> None:
+def test_tokenizer_json_gives_the_release_ids(source: Path, gptj: Path) -> None:
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
     reference = _reference_bpe(str(source))
-    fast, _ = load_tokenizer(source, tokenization="plain")  # tokenizer.json is plain BPE
-    raw = Tokenizer.from_file(str(gptj / "tokenizer.json"))
+    fast, _ = load_tokenizer(source)
+    converted, _ = load_tokenizer(gptj)  # its own cuts, on a tokenizer.json whose tokens strip too: no double effect
+    plain, _ = load_tokenizer(source, tokenization="plain")
+    raw = Tokenizer.from_file(str(gptj / "tokenizer.json"))  # plain BPE with the added tokens' lstrip / rstrip
     auto = AutoTokenizer.from_pretrained(gptj)
+    assert {t.content: (t.lstrip, t.rstrip) for t in raw.get_added_tokens_decoder().values()} == dict.fromkeys(
+        [*fmt.END_TOKENS, "<|endoftext|>"], (True, True)
+    )
     for text in SAMPLES:
         want = reference(text)
         assert fast.encode(text, add_special_tokens=False) == want
+        assert converted.encode(text, add_special_tokens=False) == want
         assert raw.encode(text, add_special_tokens=False).ids == want
         assert auto(text)["input_ids"] == want  # what a server runs: no bos added
-        assert auto.decode(want) == text
+        assert auto.decode(want) == fast.decode(want)
+        if not any(token in text for token in fast.added_tokens_encoder):
+            assert auto.decode(want) == text
+    assert any(plain.encode(text) != reference(text) for text in SAMPLES)  # the stripping is there to see
 
 
 def test_tokenizer_json_on_the_moss_sample_data(source: Path, gptj: Path, moss_texts: list[tuple[Path, str]]) -> None:
