@@ -12,7 +12,7 @@ def parse_args(description: str, **extra: dict) -> argparse.Namespace:
     parser.add_argument(
         "--model",
         help="MOSS checkpoint directory or hub id (e.g. fnlp/moss-moon-003-sft-plugin); "
-        "default: the tiny demonstration model, trained on first use",
+        "default: the tiny demonstration model shipped with moss-agent",
     )
     for flag, options in extra.items():
         parser.add_argument(flag, **options)
@@ -20,10 +20,10 @@ def parse_args(description: str, **extra: dict) -> argparse.Namespace:
 
 
 def resolve_model(model: str | None) -> str:
-    """The checkpoint to use: ``model``, or the demonstration model (trained and cached on first use)."""
+    """The checkpoint to use: ``model``, or the demonstration model shipped with the package."""
     if model:
         return model
-    from moss_agent.demo.model import demo_checkpoint
+    from moss_agent.demo import demo_checkpoint
 
     print("(using the tiny demonstration model; pass --model for a real MOSS checkpoint)", file=sys.stderr)
     return str(demo_checkpoint())
@@ -42,6 +42,6 @@ def search_tool(model: str | None):
 
     if model:
         return SearchTool()  # Tavily with TAVILY_API_KEY, else an (empty) local index: add your documents
-    from moss_agent.demo.data import DemoSearchBackend
+    from moss_agent.demo.corpus import DemoSearchBackend
 
     return SearchTool(backend=DemoSearchBackend())

@@ -14,7 +14,7 @@ agent = MossAgent(chat_model(args.model), tools=[search_tool(args.model), Calcul
 if args.model:
     questions = ["What is 37 * 12 + 5?", "Solve 3x + 7 = 25 for me.", "Thank you!"]
 else:  # questions the tiny demonstration model never saw, one conversation each (it learned short dialogues)
-    from moss_agent.demo.data import held_out_questions
+    from moss_agent.demo.questions import held_out_questions
 
     questions = [q.human for q in held_out_questions(1, kinds=("calculator", "solver", "chat"))]
 

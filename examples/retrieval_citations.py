@@ -8,7 +8,7 @@ from langchain_core.documents import Document
 from langchain_core.retrievers import BaseRetriever
 
 from moss_agent.chains import MossRetrievalChain
-from moss_agent.demo.data import search_snippets
+from moss_agent.demo.corpus import search_snippets
 
 
 class KeywordRetriever(BaseRetriever):
@@ -24,7 +24,7 @@ class KeywordRetriever(BaseRetriever):
 
 args = parse_args(__doc__.splitlines()[0], **{"--question": {"default": None}})
 if args.question is None:  # a person of the demonstration corpus the demo model never saw
-    from moss_agent.demo.data import held_out_questions
+    from moss_agent.demo.questions import held_out_questions
 
     args.question = held_out_questions(1, kinds=("search",))[0].human
 texts = search_snippets(args.question, k=3) or ["MOSS is a chat model developed by Fudan University."]

@@ -1,164 +1,65 @@
 """Synthetic MOSS-format dialogues for the demonstration model: calculator, solver, search, chat and memory.
 
 Every dialogue is rendered through :mod:`moss_agent.protocol.format` and :mod:`moss_agent.protocol.plugins`, so
-the model learns exactly the text the real agent writes. Results are honest: Python arithmetic for ``Calculate`` (the release's
-recorded results are Python's, ``'36'``, ``'22000.0'``), exact fractions for ``Solve``, a made-up corpus for
-``Search``; the real tools print the same. Questions fall into a train or a test split by a stable hash of their
-text (of the made-up name, for search and memory): the model never trains on a held-out question, and held-out
-search questions ask about people it has never seen.
+the model learns exactly the text the real agent writes, with the results of :mod:`moss_agent.demo.corpus` (Python
+arithmetic, exact fractions for ``Solve``, the made-up search corpus). A turn belongs to the train or the test
+split by its text (see :func:`~moss_agent.demo.corpus.split_of`): training never sees a held-out question.
 """
 
 from __future__ import annotations
 
-import ast
-import functools
-import operator
+import itertools
 import random
-import re
-import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, Literal
 
+from moss_agent.demo.corpus import Split, corpus, evaluate_expression, made_up_name, search_snippets, split_of
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol import plugins
 
 __all__ = [
     "KINDS",
     "DemoDialogue",
-    "DemoQuestion",
-    "DemoSearchBackend",
-    "Split",
+    "DemoTurn",
+    "chat_replies",
     "dialogue_batches",
     "dialogues",
-    "evaluate_expression",
-    "held_out_questions",
-    "search_snippets",
-    "split_of",
+    "sample_turns",
     "trained_spans",
     "training_windows",
 ]
 
-Split = Literal["train", "test"]
 KINDS: tuple[str, ...] = ("calculator", "solver", "search", "chat", "memory", "followup")
 """Question kinds: the three plugins, plain chat, and two second turns that need the first: the user's name
 (``memory``) and a calculation on the previous result (``followup``)."""
 
 _TOOL_KEYS = plugins.TOOL_KEYS
 _NEEDS = {"calculator": "calculator", "solver": "solver", "search": "search", "followup": "calculator"}
-_TEST_BUCKETS = 5  # one text in five belongs to the test split
-
-
-def split_of(key: str) -> Split:
-    """The split a question (or made-up name) belongs to, by a stable hash of its text."""
-    return "test" if zlib.crc32(key.encode()) % _TEST_BUCKETS == 0 else "train"
-
-
-# ---------------------------------------------------------------- honest arithmetic
-
-_OPS: dict[type, Callable[[Any, Any], Any]] = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
-_OPS[ast.Div] = operator.truediv
-
-
-def evaluate_expression(expr: str) -> int | float | None:
-    """Python's value of an arithmetic expression (numbers, ``+ - * /``, parentheses), or None if it is not one.
-
-    Never evaluates anything else: the expression is walked as an AST.
-    """
-
-    def walk(node: ast.AST) -> Any:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            return _OPS[type(node.op)](walk(node.left), walk(node.right))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return -walk(node.operand)
-        raise ValueError("not arithmetic")
-
-    try:
-        return walk(ast.parse(expr, mode="eval").body)  # type: ignore[no-any-return]
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError):
-        return None
-
-
-# ---------------------------------------------------------------- the made-up search corpus
-
-_SYLLABLES = (
-    "zor bax quin vel mor tash kel dun ari bo lin fen rok sa thi mur pel gan osh ru "
-    "vi dra lo mek nal tor is ka ven jul bren cor hal im pry wex yul gor ta ne"
-).split()
-_ROLES = (
-    "painter", "chemist", "sailor", "poet", "baker", "astronomer", "architect", "singer",
-    "farmer", "inventor", "dancer", "historian", "pilot", "sculptor", "gardener", "doctor",
-)  # fmt: skip
-
-
-def _word(rng: random.Random, parts: int | None = None) -> str:
-    """A made-up name of 2 or 3 syllables; one word, as the space token would make copying ambiguous."""
-    return "".join(rng.choice(_SYLLABLES) for _ in range(parts or rng.choice((2, 3)))).capitalize()
-
-
-def _fact(name: str) -> str:
-    """The corpus entry of a made-up person: a function of the name, so the corpus needs no storage."""
-    rng = random.Random(zlib.crc32(name.encode()))
-    role = rng.choice(_ROLES)
-    return f"{name} is {'an' if role[0] in 'aeiou' else 'a'} {role} from {_word(rng, 2)}."
-
-
-@functools.cache
-def _corpus(split: Split) -> tuple[str, ...]:
-    """The made-up people of one split: many, so that the model learns to copy names rather than recall them."""
-    rng = random.Random(2023)
-    names: dict[str, None] = {}
-    while len(names) < (3000 if split == "train" else 400):
-        name = _word(rng)
-        if split_of(name) == split:
-            names[name] = None
-    return tuple(names)
-
-
-@functools.cache
-def _by_name() -> dict[str, str]:
-    return {n.casefold(): n for n in _corpus("train") + _corpus("test")}
-
-
-def search_snippets(query: str, k: int = 3) -> list[str]:
-    """Search the made-up corpus: the entry of the person named in ``query`` first, then other entries.
-
-    Returns:
-        Up to ``k`` snippets, or none when nobody in the corpus is named in the query.
-    """
-    people = _by_name()
-    hits = list(dict.fromkeys(people[w] for w in re.findall(r"\w+", query.casefold()) if w in people))
-    if not hits:
-        return []
-    rng = random.Random(zlib.crc32(query.encode()))
-    others = rng.sample(_corpus("train"), k)
-    return [_fact(n) for n in (hits + [o for o in others if o not in hits])[:k]]
-
-
-class DemoSearchBackend:
-    """A search backend over the made-up corpus for the demo's ``Search`` tool: at most two hits, as in training."""
-
-    def search(self, query: str, k: int) -> list[Any]:
-        """Hits as :class:`moss_agent.tools.search_backends.SearchHit` (title: the person's name)."""
-        from moss_agent.tools.search_backends import SearchHit
-
-        return [SearchHit(s.split(" ", 1)[0], "", s) for s in search_snippets(query, min(k, 2))]
 
 
 # ---------------------------------------------------------------- turns
 
 
 @dataclass(frozen=True)
-class _Turn:
+class DemoTurn:
+    """One synthetic turn and what is right about it.
+
+    Attributes:
+        kind: One of :data:`KINDS`.
+        key: The text that decides the turn's split.
+        turn: The turn as MOSS writes it.
+        command: The commands segment content, None for no command.
+        answer: What the reply states (the result, the solution, the found entry, the name).
+        accept: A right reply contains one of these; empty means ``answer``.
+    """
+
     kind: str
-    key: str  # what decides the split
+    key: str
     turn: fmt.MossTurn
     command: str | None = None
     answer: str | None = None
-    accept: tuple[str, ...] = ()  # a right reply contains one of these
+    accept: tuple[str, ...] = ()
 
 
 def _pick(rng: random.Random, options: Sequence[str]) -> str:
@@ -233,17 +134,17 @@ def _tool_turn(kind: str, plugin: plugins.Plugin, human: str, arg: str, output: 
     return fmt.MossTurn(human, reply, _THOUGHTS[kind], command, fmt.results_body([entry]))
 
 
-def _calculator_turn(rng: random.Random, human: str | None = None, expr: str | None = None) -> _Turn:
+def _calculator_turn(rng: random.Random, human: str | None = None, expr: str | None = None) -> DemoTurn:
     if human is None or expr is None:
         human, expr = _calc_question(rng)
     value = evaluate_expression(expr)
     shown = plugins.NO_RESULT if value is None else str(value)
     reply = _pick(rng, _CALC_REPLY).format(shown)
     turn = _tool_turn("calculator", plugins.CALCULATOR, human, expr, plugins.format_calculate(shown), reply)
-    return _Turn("calculator", human, turn, turn.commands, shown)
+    return DemoTurn("calculator", human, turn, turn.commands, shown)
 
 
-def _solver_turn(rng: random.Random) -> _Turn:
+def _solver_turn(rng: random.Random) -> DemoTurn:
     v = _pick(rng, "xxxyzn")
     a, b, c = rng.randint(1, 12), rng.randint(-60, 60), rng.randint(-99, 199)
     if rng.random() < 0.25:  # two equations, two unknowns, ';'-separated as MOSS writes them
@@ -261,7 +162,7 @@ def _solver_turn(rng: random.Random) -> _Turn:
     answer = " and ".join(f"{n} = {val}" for n, val in values)
     reply = _pick(rng, ("The solution is {}.", "{}.", "Solving the equation gives {}.")).format(answer)
     turn = _tool_turn("solver", plugins.EQUATION_SOLVER, human, eq, plugins.format_solve(values), reply)
-    return _Turn("solver", human, turn, turn.commands, answer)
+    return DemoTurn("solver", human, turn, turn.commands, answer)
 
 
 _WHO = ("Who is {}?", "Tell me about {}.", "What do you know about {}?", "Can you look up {}?",
@@ -269,9 +170,9 @@ _WHO = ("Who is {}?", "Tell me about {}.", "What do you know about {}?", "Can yo
         "Find information about {}.", "What is {} known for?")  # fmt: skip
 
 
-def _search_turn(rng: random.Random, split: Split) -> _Turn:
+def _search_turn(rng: random.Random, split: Split) -> DemoTurn:
     known = rng.random() < 0.9
-    name = _pick(rng, _corpus(split)) if known else _word(rng)
+    name = _pick(rng, corpus(split)) if known else made_up_name(rng)
     human = _pick(rng, _WHO).format(name)
     snippets = search_snippets(name, rng.randint(1, 2))
     if snippets:  # the reply cites the first hit, as MOSS does
@@ -279,7 +180,7 @@ def _search_turn(rng: random.Random, split: Split) -> _Turn:
     else:
         reply = f"Sorry, I could not find any information about {name}."
     turn = _tool_turn("search", plugins.WEB_SEARCH, human, name, plugins.format_search_hits(snippets), reply)
-    return _Turn("search", name, turn, turn.commands, snippets[0][:-1] if snippets else "could not find")
+    return DemoTurn("search", name, turn, turn.commands, snippets[0][:-1] if snippets else "could not find")
 
 
 _CHAT: tuple[tuple[Sequence[str], Sequence[str], Sequence[str]], ...] = (
@@ -296,35 +197,56 @@ _CHAT: tuple[tuple[Sequence[str], Sequence[str], Sequence[str]], ...] = (
     (("What can you do", "How can you help me", "What tools do you have", "What are you good at"),
      ("?", "", "? Tell me please."),
      ("I can chat with you, do calculations, solve equations and search the web.",)),
+    (("How are you", "How is it going", "How do you do", "Are you well"),
+     ("?", " today?", ", MOSS?"),
+     ("I am doing well, thank you! How can I help you?",)),
     (("Bye", "Goodbye", "See you later", "Good night", "I have to go now"),
      ("!", ".", ", MOSS!", ""),
      ("Goodbye! Have a nice day.", "See you! Come back any time.")),
 )  # fmt: skip
+_OPENERS = ("", "", "", "OK. ", "Oh, ", "Well, ", "So, ")  # "Oh, " and the others lowercase what follows
 
 
-def _chat_turn(rng: random.Random, plugins_on: bool) -> _Turn:
+def _chat_question(rng: random.Random) -> tuple[str, Sequence[str]]:
     heads, tails, replies = _CHAT[rng.randrange(len(_CHAT))]
-    human = _pick(rng, heads) + _pick(rng, tails)
+    opener, head = _pick(rng, _OPENERS), _pick(rng, heads)
+    if opener.endswith(", ") and not head.startswith(("Hi", "MOSS")):
+        head = head[0].lower() + head[1:]
+    return opener + head + _pick(rng, tails), replies
+
+
+def chat_replies(question: str) -> tuple[str, ...]:
+    """The replies the demonstration model learned for a plain chat question (none if it is not one)."""
+    for heads, tails, replies in _CHAT:
+        for opener, head, tail in itertools.product(dict.fromkeys(_OPENERS), heads, tails):
+            low = head if not opener.endswith(", ") or head.startswith(("Hi", "MOSS")) else head[0].lower() + head[1:]
+            if question == opener + low + tail:
+                return tuple(replies)
+    return ()
+
+
+def _chat_turn(rng: random.Random, plugins_on: bool) -> DemoTurn:
+    human, replies = _chat_question(rng)
     reply = _pick(rng, replies)
     turn = fmt.MossTurn(human, reply, _THOUGHTS["chat"], results=fmt.results_body(None)) if plugins_on else None
-    return _Turn("chat", human, turn or fmt.MossTurn(human, reply), None, reply, tuple(replies))
+    return DemoTurn("chat", human, turn or fmt.MossTurn(human, reply), None, reply, tuple(replies))
 
 
-def _memory_turns(rng: random.Random, plugins_on: bool, split: Split) -> list[_Turn]:
+def _memory_turns(rng: random.Random, plugins_on: bool, split: Split) -> list[DemoTurn]:
     """The user's name in turn 1, asked for in turn 2."""
     thoughts = _THOUGHTS["chat"] if plugins_on else fmt.NONE
     results = fmt.results_body(None, plugins_on=plugins_on)
-    name = _word(rng)
+    name = made_up_name(rng)
     while split_of(name) != split:
-        name = _word(rng)
+        name = made_up_name(rng)
     intro = _pick(rng, ("My name is {}.", "Hi, I am {}.", "Call me {}.", "Hello, my name is {}!")).format(name)
     hello = fmt.MossTurn(intro, f"Nice to meet you, {name}! How can I help you?", thoughts, results=results)
     ask = _pick(rng, ("What is my name?", "Do you remember my name?", "Who am I?", "What did I say my name was?"))
     answer = fmt.MossTurn(ask, f"Your name is {name}.", thoughts, results=results)
-    return [_Turn("chat", name, hello), _Turn("memory", name, answer, None, name)]
+    return [DemoTurn("chat", name, hello), DemoTurn("memory", name, answer, None, name)]
 
 
-def _followup_turns(rng: random.Random) -> list[_Turn]:
+def _followup_turns(rng: random.Random) -> list[DemoTurn]:
     """A calculation in turn 1, and in turn 2 one on its result ("Now add 5 to that.")."""
     first = _calculator_turn(rng)
     while first.answer is None or not first.answer.isdigit() or len(first.answer) > 5:
@@ -333,7 +255,7 @@ def _followup_turns(rng: random.Random) -> list[_Turn]:
     asks = {"+": ("Now add {} to that.", "And that plus {}?"), "-": ("Subtract {} from it.", "And that minus {}?"),
             "*": ("Multiply that by {}.", "And that times {}?")}[op]  # fmt: skip
     second = _calculator_turn(rng, _pick(rng, asks).format(d), f"{first.answer}{op}{d}")
-    return [first, _Turn("followup", first.key + second.key, second.turn, second.command, second.answer)]
+    return [first, DemoTurn("followup", first.key + second.key, second.turn, second.command, second.answer)]
 
 
 # ---------------------------------------------------------------- dialogues
@@ -347,7 +269,11 @@ class DemoDialogue:
     kinds: list[str]
 
 
-def _turn_of_kind(rng: random.Random, kind: str, plugins_on: bool, split: Split) -> list[_Turn]:
+def sample_turns(rng: random.Random, kind: str, plugins_on: bool, split: Split) -> list[DemoTurn]:
+    """One turn of ``kind`` (two for ``memory`` and ``followup``: the first turn they need, then theirs).
+
+    The turns may belong to the other split: callers keep those whose keys are in the split they want.
+    """
     if kind == "calculator":
         return [_calculator_turn(rng)]
     if kind == "solver":
@@ -381,10 +307,10 @@ def _dialogue(rng: random.Random, enabled: Sequence[str], split: Split, turns: i
     pool = [k for k in _WEIGHTS if _NEEDS.get(k) in (None, *enabled)] if plugins_on else ["chat", "memory"]
     if turns == 1:
         pool = [k for k in pool if k not in _TWO_TURNS]
-    made: list[_Turn] = []
+    made: list[DemoTurn] = []
     while len(made) < turns:
         kind = rng.choices(pool, [_WEIGHTS[k] for k in pool])[0]
-        new = _turn_of_kind(rng, kind, plugins_on, split)
+        new = sample_turns(rng, kind, plugins_on, split)
         if all(split_of(t.key) == split for t in new) and len(made) + len(new) <= turns:
             made += new
     moss_turns = [t.turn for t in made]
@@ -405,7 +331,7 @@ def dialogues(n: int | None, *, seed: int = 0, split: Split = "train") -> Iterat
     rng = random.Random(f"moss-demo-{split}-{seed}")
     count = 0
     while n is None or count < n:
-        yield _dialogue(rng, _switches(rng), split, rng.choice((1, 1, 1, 2)))
+        yield _dialogue(rng, _switches(rng), split, rng.choice((1, 1, 2)))
         count += 1
 
 
@@ -417,7 +343,7 @@ def dialogue_batches(size: int, *, seed: int = 0, split: Split = "train") -> Ite
     """
     rng = random.Random(f"moss-demo-batches-{split}-{seed}")
     while True:
-        enabled, turns = _switches(rng), rng.choice((1, 1, 1, 2))
+        enabled, turns = _switches(rng), rng.choice((1, 1, 2))
         yield [_dialogue(rng, enabled, split, turns) for _ in range(size)]
 
 
@@ -458,57 +384,3 @@ def training_windows(conversation: fmt.MossConversation) -> list[tuple[int, int]
         windows.append((offset + results if answered else first, offset + len(text)))
         offset += len(text)
     return windows
-
-
-# ---------------------------------------------------------------- held-out questions
-
-
-@dataclass(frozen=True)
-class DemoQuestion:
-    r"""A held-out question and what a right answer looks like.
-
-    Attributes:
-        kind: One of :data:`KINDS`.
-        system: The system text (meta instruction and switches) to ask it under.
-        history: Earlier turns (memory questions have one).
-        human: The question.
-        command: The expected commands segment content, e.g. ``Calculate("12*7")``; None for no command.
-        results: The raw results body the tools give for the expected command (``"\nNone\n"`` for none).
-        accept: A right reply contains one of these (the result, the name, a chat reply).
-    """
-
-    kind: str
-    system: str
-    history: tuple[fmt.MossTurn, ...]
-    human: str
-    command: str | None
-    results: str
-    accept: tuple[str, ...]
-
-
-def held_out_questions(n: int = 100, *, seed: int = 1, kinds: Sequence[str] = KINDS) -> list[DemoQuestion]:
-    """``n`` test-split questions of each kind in ``kinds``, asked with the three trained tools switched on.
-
-    Questions are distinct while the test split has enough of them (it has a few dozen plain chat questions).
-
-    Args:
-        n: Questions per kind.
-        seed: Seed of the generator.
-        kinds: Which kinds.
-    """
-    rng = random.Random(f"moss-demo-questions-{seed}")
-    system = fmt.system_prompt(["search", "calculator", "solver"])
-    out: list[DemoQuestion] = []
-    for kind in kinds:
-        seen: list[str] = []
-        tries = 0
-        while len(seen) < n:
-            turns = _turn_of_kind(rng, kind, True, "test")
-            last, tries = turns[-1], tries + 1
-            if any(split_of(t.key) != "test" for t in turns) or (last.turn.human in seen and tries < 50 * n):
-                continue
-            seen.append(last.turn.human)
-            accept = last.accept or ((last.answer,) if last.answer else ())
-            history = tuple(t.turn for t in turns[:-1])
-            out.append(DemoQuestion(kind, system, history, last.turn.human, last.command, last.turn.results, accept))
-    return out

@@ -1,4 +1,4 @@
-"""Every example script runs end to end on the demonstration model (trained and cached on first use)."""
+"""Every example script runs end to end on the shipped demonstration model."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_model() -> Path:
-    from moss_agent.demo.model import demo_checkpoint
+    from moss_agent.demo import demo_checkpoint
 
     return demo_checkpoint()
 

@@ -9,12 +9,14 @@ from fractions import Fraction
 
 import pytest
 
+from moss_agent.demo import corpus
 from moss_agent.demo import data as demo_data
+from moss_agent.demo import questions as demo_questions
 from moss_agent.protocol import format as fmt
 from moss_agent.protocol.parser import parse_commands, parse_conversation
 
 TRAIN = list(demo_data.dialogues(2000, seed=0))
-QUESTIONS = demo_data.held_out_questions(60, seed=1)
+QUESTIONS = demo_questions.held_out_questions(60, seed=1)
 
 
 def _turns(kind: str) -> list[tuple[fmt.MossConversation, fmt.MossTurn]]:
@@ -82,13 +84,13 @@ def test_calculator_results_are_pythons_and_agree_with_the_real_tool() -> None:
     assert len(turns) > 300
     for _, turn in turns:
         (command,), _ = parse_commands(turn.commands)
-        value = demo_data.evaluate_expression(command.arg)
+        value = corpus.evaluate_expression(command.arg)
         assert value is not None
         assert f"{command} => '{value}'\n" in turn.results
         assert str(value) in turn.reply
     for _, turn in turns[:25]:  # the tool the demo runs prints the same text
         (command,), _ = parse_commands(turn.commands)
-        assert calculate(command.arg) == str(demo_data.evaluate_expression(command.arg))
+        assert calculate(command.arg) == str(corpus.evaluate_expression(command.arg))
 
 
 def test_solver_results_satisfy_the_equations_and_agree_with_the_real_tool() -> None:
@@ -115,7 +117,7 @@ def test_search_copies_the_name_and_results_come_from_the_corpus() -> None:
     for _, turn in turns:
         (command,), _ = parse_commands(turn.commands)
         assert command.arg in turn.human
-        snippets = demo_data.search_snippets(command.arg, 2)
+        snippets = corpus.search_snippets(command.arg, 2)
         if snippets:
             found += 1
             assert f"<|1|>: {snippets[0]!r}" in turn.results
@@ -128,9 +130,9 @@ def test_search_copies_the_name_and_results_come_from_the_corpus() -> None:
 def test_search_backend_finds_people_and_nothing_else() -> None:
     question = next(q for q in QUESTIONS if q.kind == "search" and "could not find" not in q.accept[0])
     name = parse_commands(question.command or "")[0][0].arg
-    hits = demo_data.DemoSearchBackend().search(f"who is {name}", 3)
+    hits = corpus.DemoSearchBackend().search(f"who is {name}", 3)
     assert hits[0].title == name and len(hits) == 2  # capped at two, as in training
-    assert demo_data.search_snippets("the weather tomorrow") == []
+    assert corpus.search_snippets("the weather tomorrow") == []
 
 
 def test_second_turns_need_the_first_turn() -> None:
@@ -153,7 +155,7 @@ def test_held_out_questions_are_never_trained_on() -> None:
     seen = {(t.human,) for c in convs for t in c.turns} | {tuple(t.human for t in c.turns) for c in convs}
     for q in QUESTIONS:  # a follow-up like "Now add 5 to that." is new only with the turn before it
         assert (*(h.human for h in q.history), q.human) not in seen, q
-        assert demo_data.split_of(q.human) == "test" or q.kind in ("search", "memory", "followup")
+        assert corpus.split_of(q.human) == "test" or q.kind in ("search", "memory", "followup")
     trained_names = {parse_commands(t.commands)[0][0].arg for _, t in _turns("search")}
     asked = {parse_commands(q.command or "")[0][0].arg for q in QUESTIONS if q.kind == "search"}
     assert not trained_names & asked  # held-out search questions are about people never seen
@@ -169,8 +171,57 @@ def test_held_out_questions_have_consistent_expectations() -> None:
         else:
             assert q.results.startswith(f"\n{q.command} =>")
         assert len(q.history) == (1 if q.kind in ("memory", "followup") else 0)
-    humans = [q.human for q in QUESTIONS if q.kind == "calculator"]
-    assert len(set(humans)) == len(humans)
+    for kind in demo_data.KINDS:  # distinct, the history included (a follow-up text recurs after other turns)
+        asked = [(*(h.human for h in q.history), q.human) for q in QUESTIONS if q.kind == kind]
+        assert len(set(asked)) == len(asked) == 60, kind
+
+
+def test_the_test_split_has_a_hundred_distinct_questions_of_each_kind() -> None:
+    questions = demo_questions.held_out_questions(100, seed=2)
+    for kind in demo_data.KINDS:
+        asked = {(*(h.human for h in q.history), q.human) for q in questions if q.kind == kind}
+        assert len(asked) == 100, kind
+    with pytest.raises(ValueError, match="fewer than 1000 distinct chat"):
+        demo_questions.held_out_questions(1000, kinds=("chat",))
+
+
+def test_chat_replies_are_those_learned() -> None:
+    chat = [t for c, t in _turns("chat") if len(c.turns) == 1]  # not the introduction before a memory question
+    assert len(chat) > 100
+    for turn in chat:
+        assert turn.reply in demo_data.chat_replies(turn.human)
+    assert demo_data.chat_replies("What is 2+2?") == ()
+
+
+def test_the_demo_script_is_held_out_and_its_expectations_are_the_tools() -> None:
+    from moss_agent.tools.calculator import calculate
+    from moss_agent.tools.equation_solver import solve
+
+    script = demo_questions.demo_script()
+    kinds = []
+    for conversation in script:
+        humans = [q for q, _, _ in conversation]
+        for _, command, accept in conversation:
+            assert accept and all(accept)
+            if command is None:
+                kinds.append("memory" if len(conversation) > 1 else "chat")
+            else:
+                (parsed,), _ = parse_commands(command)
+                kinds.append(parsed.name)
+                if parsed.name == "Calculate":
+                    assert accept == (calculate(parsed.arg),)
+                if parsed.name == "Solve":
+                    assert accept == tuple(f"{n} = {v}" for n, v in solve(parsed.arg) or [])
+                if parsed.name == "Search":
+                    assert corpus.split_of(parsed.arg) == "test" and accept[0] in corpus.search_snippets(parsed.arg)[0]
+        if len(humans) == 1 and not humans[0].startswith("Who is"):  # a search question is new by its name
+            assert corpus.split_of(humans[0]) == "test", humans
+    assert {"Calculate", "Solve", "Search", "chat", "memory"} <= set(kinds)
+    followup = next(c for c in script if len(c) == 2 and c[1][1])
+    assert corpus.split_of(followup[0][0] + followup[1][0]) == "test"  # the pair's key, as in held_out_questions
+    assert followup[0][2][0] in (followup[1][1] or "")  # it calculates on the first result
+    user = next(c for c in script if len(c) == 2 and not c[1][1])
+    assert corpus.split_of(user[1][2][0]) == "test"
 
 
 def test_questions_are_varied() -> None:
@@ -186,18 +237,37 @@ def test_questions_are_varied() -> None:
     [("12*3", 36), ("22000/1", 22000.0), ("(7+5)/4", 3.0), ("-3+1", -2), ("15/100*240", 36.0)],
 )
 def test_evaluate_expression_is_python_arithmetic(expr: str, value: float) -> None:
-    result = demo_data.evaluate_expression(expr)
+    result = corpus.evaluate_expression(expr)
     assert result == value and type(result) is type(value)
 
 
 @pytest.mark.parametrize("expr", ["__import__('os')", "2**8", "x+1", "1/0", "(1", "abs(-1)", "1 if 1 else 2"])
 def test_evaluate_expression_rejects_everything_else(expr: str) -> None:
-    assert demo_data.evaluate_expression(expr) is None
+    assert corpus.evaluate_expression(expr) is None
 
 
 def test_split_is_stable_and_about_one_in_five() -> None:
     rng = random.Random(0)
     words = [str(rng.random()) for _ in range(5000)]
-    share = sum(demo_data.split_of(w) == "test" for w in words) / len(words)
+    share = sum(corpus.split_of(w) == "test" for w in words) / len(words)
     assert 0.17 < share < 0.23
-    assert [demo_data.split_of(w) for w in words[:50]] == [demo_data.split_of(w) for w in words[:50]]
+    assert [corpus.split_of(w) for w in words[:50]] == [corpus.split_of(w) for w in words[:50]]
+
+
+@pytest.mark.parametrize(
+    ("reply", "answer", "right"),
+    [
+        ("The result is 23756.", "23756", True),
+        ("The result is 2375.", "23756", False),
+        ("The result is 237560.", "23756", False),
+        ("That is 8.5.", "8.5", True),
+        ("That is 8.55.", "8.5", False),
+        ("That is 18.5.", "8.5", False),
+        ("The solution is x = -4.", "x = -4", True),
+        ("The solution is x = -41.", "x = -4", False),
+    ],
+)
+def test_a_reply_states_a_number_only_whole(reply: str, answer: str, right: bool) -> None:
+    from moss_agent.demo.evaluate import states
+
+    assert states(reply, answer) is right
