@@ -4,6 +4,7 @@ python examples/sqlite_memory.py --db chat.sqlite3 [--model PATH_OR_ID] [--quest
 """
 
 from _common import chat_model, parse_args
+
 from moss_agent.chains import MossConversationChain
 
 args = parse_args(
