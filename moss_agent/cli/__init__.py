@@ -34,6 +34,7 @@ __all__ = [
     "main",
     "model_name",
     "plugin_keys",
+    "positive_float",
     "precision",
 ]
 
@@ -114,6 +115,17 @@ def precision(text: str) -> str:
         return settings.normalize_precision(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from err
+
+
+def positive_float(text: str) -> float:
+    """A number above 0, for options such as ``--cpu-gib`` and ``--lr``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+    return value
 
 
 def gib_list(text: str) -> tuple[float, ...]:

@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Any
 
-from moss_agent.cli import gib_list, model_name
+from moss_agent.cli import gib_list, model_name, positive_float
 
 __all__ = ["add_parser"]
 
@@ -27,16 +27,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: give at least 1")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
     return value
 
 
@@ -106,8 +96,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--method", default="lora", choices=METHODS, help="lora, qlora (4-bit base, CUDA) or full")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--steps", type=_positive_int, help="optimizer steps")
-    group.add_argument("--epochs", type=_positive_float, help="passes over the data (default 2, as the release)")
-    p.add_argument("--lr", type=_positive_float, help="peak learning rate (default 1e-3 LoRA, 9e-6 full)")
+    group.add_argument("--epochs", type=positive_float, help="passes over the data (default 2, as the release)")
+    p.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3 LoRA, 9e-6 full)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="conversations per step")
     p.add_argument("--max-length", type=_positive_int, default=2048, help="ids per conversation (cut at a turn)")
     p.add_argument("--precision", default="auto", type=precision, help="auto, fp32, bf16, fp16")
@@ -122,7 +112,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--plan-only", action="store_true", help="print the training memory plan and stop")
     p.add_argument("--gpus", type=gib_list, help="plan for GPUs with this much free GiB instead, e.g. 24 or 80,80")
-    p.add_argument("--cpu-gib", type=_positive_float, help="plan for this much CPU RAM instead")
+    p.add_argument("--cpu-gib", type=positive_float, help="plan for this much CPU RAM instead")
     p.set_defaults(func=_cmd_finetune)
 
     m = sub.add_parser(

@@ -13,7 +13,7 @@ import argparse
 from typing import Any
 
 from moss_agent import settings
-from moss_agent.cli import gib_list, model_name, precision
+from moss_agent.cli import gib_list, model_name, positive_float, precision
 
 __all__ = ["add_parser"]
 
@@ -34,16 +34,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of GiB") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give more than 0 GiB")
-    return value
-
-
 def add_parser(sub: Any) -> None:
     """Add ``plan`` to the ``moss-agent`` subcommands."""
     p = sub.add_parser(
@@ -55,6 +45,6 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--precision", default="auto", type=precision, help="auto, " + ", ".join(settings.PRECISIONS))
     p.add_argument("--gpus", type=gib_list, help="plan for GPUs with this much free GiB instead, e.g. 24,24")
     p.add_argument(
-        "--cpu-gib", type=_positive, help=f"plan for this much CPU RAM instead (with --gpus: {DEFAULT_CPU_GIB:g})"
+        "--cpu-gib", type=positive_float, help=f"plan for this much CPU RAM instead (with --gpus: {DEFAULT_CPU_GIB:g})"
     )
     p.set_defaults(func=_cmd_plan)

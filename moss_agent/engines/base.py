@@ -7,7 +7,7 @@ it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
 
@@ -24,6 +24,7 @@ __all__ = [
     "StopCutter",
     "cut_at_stop",
     "fit_context",
+    "stop_token_ids",
 ]
 
 
@@ -225,3 +226,23 @@ class StopCutter:
         piece = self.text[self._emitted : end]
         self._emitted = max(self._emitted, end)
         return piece
+
+
+def stop_token_ids(
+    stop_tokens: Sequence[str], token_ids: Callable[[str], list[int]], known: dict[str, int]
+) -> dict[int, str]:
+    """Token id -> end token for ``stop_tokens``, each looked up once (``known`` caches the lookups).
+
+    Raises:
+        ValueError: When a stop token is not one token under the tokenizer.
+    """
+    for tok in stop_tokens:
+        if tok not in known:
+            ids = token_ids(tok)
+            if len(ids) != 1:
+                raise ValueError(
+                    f"stop token {tok!r} is {len(ids)} tokens under this tokenizer, not one: pass it in "
+                    "SamplingParams.stop (stop strings) instead of stop_tokens"
+                )
+            known[tok] = ids[0]
+    return {known[t]: t for t in stop_tokens}

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context
+from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context, stop_token_ids
 from moss_agent.engines.decoding import TextTracker
 
 __all__ = ["QUANTIZATIONS", "CTranslate2Engine", "convert_ctranslate2"]
@@ -236,16 +236,7 @@ class CTranslate2Engine:
 
     def _end_ids(self, params: SamplingParams) -> dict[int, str]:
         """Stop token id -> token for ``params`` (each must be one token)."""
-        for tok in params.stop_tokens:
-            if tok not in self._stop_ids:
-                ids = self.token_ids(tok)
-                if len(ids) != 1:
-                    raise ValueError(
-                        f"stop token {tok!r} is {len(ids)} tokens under this tokenizer, not one: pass it in "
-                        "SamplingParams.stop (stop strings) instead of stop_tokens"
-                    )
-                self._stop_ids[tok] = ids[0]
-        return {self._stop_ids[t]: t for t in params.stop_tokens}
+        return stop_token_ids(params.stop_tokens, self.token_ids, self._stop_ids)
 
     def _options(self, params: SamplingParams, stops: dict[int, str], rows: list[list[int]]) -> dict[str, Any]:
         """``generate_batch`` keywords for ``params`` (the rows' ids already fitted to the context window)."""

@@ -9,7 +9,7 @@ from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context
+from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context, stop_token_ids
 from moss_agent.engines.decoding import TextTracker, common_prefix, make_generator, next_tokens
 from moss_agent.engines.kv_cache import ModelRunner, reserve
 
@@ -115,16 +115,7 @@ class TransformersEngine:
 
     def _prepare(self, prompt: str, params: SamplingParams) -> tuple[list[int], dict[int, str]]:
         """The prompt's ids fitted to the context window, and the stop token ids (id -> token)."""
-        for tok in params.stop_tokens:
-            if tok not in self._stop_ids:
-                ids = self.token_ids(tok)
-                if len(ids) != 1:
-                    raise ValueError(
-                        f"stop token {tok!r} is {len(ids)} tokens under this tokenizer, not one: pass it in "
-                        "SamplingParams.stop (stop strings) instead of stop_tokens"
-                    )
-                self._stop_ids[tok] = ids[0]
-        stop_ids = {self._stop_ids[t]: t for t in params.stop_tokens}
+        stop_ids = stop_token_ids(params.stop_tokens, self.token_ids, self._stop_ids)
         return fit_context(self.token_ids(prompt), params, self.context_window), stop_ids
 
     # ------------------------------------------------------------ one prompt
