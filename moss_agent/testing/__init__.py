@@ -4,5 +4,6 @@ Nothing here downloads anything: every model is built locally, seeded, in the re
 """
 
 from moss_agent.testing.engines import ScriptedEngine, ScriptExhaustedError
+from moss_agent.testing.scripted_rules import RuleBasedEngine
 
-__all__ = ["ScriptExhaustedError", "ScriptedEngine"]
+__all__ = ["RuleBasedEngine", "ScriptExhaustedError", "ScriptedEngine"]
