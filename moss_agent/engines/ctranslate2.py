@@ -33,6 +33,7 @@ from typing import Any
 
 from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context, stop_token_ids
 from moss_agent.engines.decoding import TextTracker
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = ["QUANTIZATIONS", "CTranslate2Engine", "convert_ctranslate2"]
 
@@ -152,7 +153,7 @@ class CTranslate2Engine:
         vocabulary: Sequence[str],
         *,
         model_name: str = "moss-ctranslate2",
-        context_window: int = 2048,
+        context_window: int = CONTEXT_WINDOW,
         static_prompt: str | None = None,
     ) -> None:
         self._generator: Any = generator

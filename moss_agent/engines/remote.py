@@ -43,6 +43,7 @@ from moss_agent.engines.wire import (
     status_error,
 )
 from moss_agent.protocol.format import END_TOKENS, EOM
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = [
     "Dialect",
@@ -113,7 +114,7 @@ class RemoteEngine:
         api_key: str | None = None,
         dialect: Dialect = "openai",
         tokenizer: str | os.PathLike[str] | Any | None = None,
-        context_window: int = 2048,
+        context_window: int = CONTEXT_WINDOW,
         timeout: float = 120.0,
         connect_timeout: float = 5.0,
         max_retries: int = 3,

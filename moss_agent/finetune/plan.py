@@ -15,7 +15,7 @@ from typing import Any
 
 from moss_agent.checkpoints.hardware import Hardware
 from moss_agent.checkpoints.spec import GiB, InsufficientMemoryError, ModelSpec
-from moss_agent.settings import normalize_precision
+from moss_agent.settings import CONTEXT_WINDOW, normalize_precision
 
 __all__ = [
     "METHODS",
@@ -103,7 +103,7 @@ def plan_training(
     precision: str = "fp16",
     *,
     batch_size: int = 1,
-    max_length: int = 2048,
+    max_length: int = CONTEXT_WINDOW,
     lora_r: int = 8,
 ) -> TrainPlan:
     """Plan a fine-tuning run (see the module docstring for what is counted).
@@ -185,7 +185,7 @@ def describe_training(
     method: str,
     precision: str,
     batch_size: int = 1,
-    max_length: int = 2048,
+    max_length: int = CONTEXT_WINDOW,
     lora_r: int = 8,
     hardware: Hardware | None = None,
 ) -> str:

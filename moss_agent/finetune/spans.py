@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from moss_agent.finetune.data import Sample
 from moss_agent.protocol import format as fmt
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = ["IGNORE", "LOSS_MODES", "EncodeStats", "Encoded", "LossMode", "encode_sample", "encode_samples"]
 
@@ -90,7 +91,7 @@ def _encoder(tokenizer: Any) -> Any:
 
 
 def encode_sample(
-    sample: Sample, tokenizer: Any, *, loss: LossMode = "release", max_length: int = 2048
+    sample: Sample, tokenizer: Any, *, loss: LossMode = "release", max_length: int = CONTEXT_WINDOW
 ) -> Encoded | None:
     """Ids and no-loss spans of one conversation.
 
@@ -135,7 +136,7 @@ def encode_sample(
 
 
 def encode_samples(
-    samples: Sequence[Sample], tokenizer: Any, *, loss: LossMode = "release", max_length: int = 2048
+    samples: Sequence[Sample], tokenizer: Any, *, loss: LossMode = "release", max_length: int = CONTEXT_WINDOW
 ) -> tuple[list[Encoded], EncodeStats]:
     """Encode every conversation; count the truncated and dropped ones."""
     out: list[Encoded] = []

@@ -20,6 +20,7 @@ from moss_agent.finetune.batches import batch_order, collate, count_tokens, iter
 from moss_agent.finetune.data import MalformedDataError, Problem, Sample, load_samples
 from moss_agent.finetune.plan import METHODS, check_options, load_for_training
 from moss_agent.finetune.spans import Encoded, EncodeStats, LossMode, encode_samples
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = ["METHODS", "FinetuneResult", "finetune"]
 
@@ -188,7 +189,7 @@ def finetune(
     epochs: float | None = None,
     lr: float | None = None,
     batch_size: int = 1,
-    max_length: int = 2048,
+    max_length: int = CONTEXT_WINDOW,
     precision: str = "auto",
     eval_data: Any = None,
     loss: LossMode = "release",

@@ -34,6 +34,7 @@ from langchain_core.messages import BaseMessage
 
 from moss_agent.memory.store import SQLiteStore, TurnRecord, json_artifacts, new_session_id
 from moss_agent.protocol import format as fmt
+from moss_agent.settings import CONTEXT_WINDOW
 
 if TYPE_CHECKING:
     from moss_agent.engines.base import Engine
@@ -321,7 +322,7 @@ class TokenBudgetMemory(BufferMemory):
         self,
         count_tokens: Callable[[str], int],
         *,
-        context_window: int = 2048,
+        context_window: int = CONTEXT_WINDOW,
         max_new_tokens: int = 256,
         reserve_tokens: int = 0,
         low_water: float = 0.5,

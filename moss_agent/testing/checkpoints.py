@@ -38,7 +38,7 @@ from moss_agent.checkpoints.files import (
     write_weights,
 )
 from moss_agent.protocol import format as fmt
-from moss_agent.settings import cache_dir
+from moss_agent.settings import CONTEXT_WINDOW, cache_dir
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -63,7 +63,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "tokenizer_config.json",
 )
-N_POSITIONS = 2048
+N_POSITIONS = CONTEXT_WINDOW
 GROUPSIZE = 128
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from moss_agent.engines.base import Delta, Generation, SamplingParams, cut_at_stop, fit_context
 from moss_agent.engines.decoding import common_prefix
 from moss_agent.protocol.format import END_TOKENS, EOM
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = ["ScriptExhaustedError", "ScriptedCall", "ScriptedEngine", "scripted_tokens"]
 
@@ -90,7 +91,7 @@ class ScriptedEngine:
         outputs: Iterable[str | Generation] = (),
         *,
         model_name: str = "scripted",
-        context_window: int = 2048,
+        context_window: int = CONTEXT_WINDOW,
         eos_token: str = EOM,
     ) -> None:
         self.model_name = model_name

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from moss_agent.engines.base import Delta, Generation, SamplingParams
 from moss_agent.protocol import format as fmt
+from moss_agent.settings import CONTEXT_WINDOW
 from moss_agent.testing.engines import ScriptedEngine
 
 __all__ = ["RuleBasedEngine"]
@@ -142,7 +143,7 @@ class RuleBasedEngine(ScriptedEngine):
         context_window: Prompt plus generated tokens allowed.
     """
 
-    def __init__(self, *, model_name: str = "moss-rules", context_window: int = 2048) -> None:
+    def __init__(self, *, model_name: str = "moss-rules", context_window: int = CONTEXT_WINDOW) -> None:
         super().__init__(model_name=model_name, context_window=context_window)
         self._answer_lock = threading.Lock()  # an answer is scripted and taken by the same call
 
