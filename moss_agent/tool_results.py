@@ -14,12 +14,11 @@ __all__ = ["HIT_LINE", "results_from_outputs", "scrub_output", "split_results"]
 
 HIT_LINE = re.compile(r"^<\|\d+\|>: ", re.MULTILINE)
 _LETTER_TAG = re.compile(r"<\|([A-Za-z][^|<>\n]{0,39})\|>")
-_END_TOKEN = re.compile("|".join(re.escape(t) for t in fmt.END_TOKENS))
 
 
 def scrub_output(text: str) -> str:
     """Scrub a tool output but keep the ``<|N|>`` hit numbers of search results."""
-    return _LETTER_TAG.sub(r"<\1>", _END_TOKEN.sub(" ", text))
+    return _LETTER_TAG.sub(r"<\1>", fmt.END_TOKEN_RE.sub(" ", text))
 
 
 def _quoted(value: str) -> bool:

@@ -42,7 +42,7 @@ from moss_agent.engines.wire import (
     sse_events,
     status_error,
 )
-from moss_agent.protocol.format import END_TOKENS, EOM
+from moss_agent.protocol.format import END_TOKEN_RE, EOM
 from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = [
@@ -59,7 +59,6 @@ Dialect = Literal["openai", "vllm", "transformers"]
 
 _RETRY_STATUS = frozenset({408, 429, 502, 503, 504})
 _CJK = re.compile(r"[\u2e80-\u9fff\uac00-\ud7af\uf900-\ufaff\uff00-\uffef]")
-_END = re.compile("|".join(re.escape(t) for t in END_TOKENS))
 
 
 class _Completion(StopCutter):
@@ -179,8 +178,8 @@ class RemoteEngine:
         """Tokens in ``text``: exact with a tokenizer, else an estimate that errs high (see the module)."""
         if self.tokenizer is not None:
             return len(self.token_ids(text))
-        ends = len(_END.findall(text))
-        rest = _END.sub("", text)
+        ends = len(END_TOKEN_RE.findall(text))
+        rest = END_TOKEN_RE.sub("", text)
         cjk = len(_CJK.findall(rest))
         return ends + cjk + math.ceil((len(rest) - cjk) / 3)
 

@@ -26,6 +26,7 @@ from moss_agent.protocol.plugins import Plugin
 
 __all__ = [
     "END_TOKENS",
+    "END_TOKEN_RE",
     "EOC",
     "EOH",
     "EOM",
@@ -92,7 +93,8 @@ NONE = "None"
 # ---------------------------------------------------------------- scrubbing untrusted text
 
 _FORGED_TAG = re.compile(r"<\|([^|<>\n]{1,40})\|>")
-_END_TOKEN = re.compile("|".join(re.escape(t) for t in END_TOKENS))
+END_TOKEN_RE = re.compile("|".join(re.escape(t) for t in END_TOKENS))
+"""Matches any MOSS end token."""
 
 
 def scrub(text: str) -> str:
@@ -101,7 +103,7 @@ def scrub(text: str) -> str:
     End tokens become a space, as the production backend did; ``<|Tag|>`` markers (role tags, hit numbers)
     lose their bars: ``<|MOSS|>`` becomes ``<MOSS>``. Applied to user input, tool output and web pages.
     """
-    return _FORGED_TAG.sub(r"<\1>", _END_TOKEN.sub(" ", text))
+    return _FORGED_TAG.sub(r"<\1>", END_TOKEN_RE.sub(" ", text))
 
 
 # ---------------------------------------------------------------- the switch block

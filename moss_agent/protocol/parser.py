@@ -22,7 +22,6 @@ __all__ = ["InvalidCommand", "parse_commands", "parse_conversation"]
 # ---------------------------------------------------------------- whole conversations
 
 _KNOWN_TAG = re.compile(r"<\|(Human|Inner Thoughts|Commands|Results|MOSS)\|>:")
-_ANY_END = re.compile("|".join(re.escape(t) for t in fmt.END_TOKENS))
 
 
 def parse_conversation(text: str) -> MossConversation:
