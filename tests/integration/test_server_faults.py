@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -57,12 +58,18 @@ def test_kill_9_mid_turn_loses_no_committed_turn_and_shows_no_half_turn(tmp_path
             url,
             {"model": "m", "stream": True, "conversation_id": "kept", "messages": [{"role": "user", "content": long}]},
         )
+        streamed.settimeout(30)
+        received = b""
+        # The scripted engine runs one generation at a time: once the streamed reply's text flows, that turn holds
+        # the engine for its whole reply, so the plain turn sent now cannot finish before the kill (sent first, it
+        # could take the engine and commit while the streamed turn waits).
+        while not re.search(rb'"content": "[^"]', received):  # the first text of the reply
+            received += streamed.recv(4096)
         plain = _raw_post(
             url, {"model": "m", "conversation_id": "half", "messages": [{"role": "user", "content": long * 8}]}
         )
-        streamed.settimeout(30)
-        received = b""
-        while received.count(b"data:") < 4:  # the streamed turn is under way
+        seen = received.count(b"data:")
+        while received.count(b"data:") < seen + 4:  # the plain request is in, the streamed reply still flowing
             received += streamed.recv(4096)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
