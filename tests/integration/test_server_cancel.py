@@ -24,7 +24,11 @@ pytestmark = [pytest.mark.allow_hosts(["127.0.0.1"]), pytest.mark.timeout(120)]
 
 
 class SlowEngine(RuleBasedEngine):
-    """The rule-based engine, ``delay`` seconds per streamed token; counts started and finished streams."""
+    """The rule-based engine, ``delay`` seconds per streamed token; counts started and finished streams.
+
+    With a ``gate``, a stream waits for it to be set before its first token: the test decides when a running
+    reply goes on, instead of racing it.
+    """
 
     delay = 0.05  # a reply of 20 tokens takes a second
 
@@ -34,10 +38,13 @@ class SlowEngine(RuleBasedEngine):
         self.finished = 0
         self.tokens = 0
         self.order: list[str] = []
+        self.gate: threading.Event | None = None
 
     def stream(self, prompt: str, params: SamplingParams) -> Iterator[Delta]:
         self.started += 1
         self.order.append(prompt.rsplit("<|Human|>: ", 1)[-1].split("<eoh>")[0])
+        if self.gate is not None:
+            assert self.gate.wait(60), "the test never opened the gate"
         for delta in super().stream(prompt, params):
             time.sleep(self.delay)
             self.tokens += 1
@@ -67,40 +74,51 @@ def _send_and_drop(url: str, text: str, stream: bool = False) -> socket.socket:
     return sock
 
 
-def _wait(condition: Any, timeout: float = 10.0) -> None:
+def _wait(condition: Any, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, "timed out waiting"
         time.sleep(0.02)
 
 
+def _queued(url: str) -> int:
+    """Requests the server holds (waiting or running), as /health says."""
+    return int(httpx.get(url + "/health").json()["queue"])
+
+
+# The rule-based engine echoes the question: a reply of 121 tokens, 6 s at 0.05 s a token. A turn that is not
+# stopped (all of them) is plainly told from one stopped after a token or two, however slow the machine.
+LONG = " and then" * 50
+LONG_REPLY_TOKENS = 121
+
+
 def test_dropped_non_streaming_requests_are_cancelled_queued_and_running(
     slow: tuple[str, SlowEngine, SQLiteStore],
 ) -> None:
     url, engine, store = slow
-    sockets = [_send_and_drop(url, f"Tell me a long story number {i}") for i in range(8)]
-    _wait(lambda: engine.started >= 1)
+    engine.gate = threading.Event()  # the first reply waits, running, until the other requests are gone
+    sockets = [_send_and_drop(url, f"Tell me a long story number {i}{LONG}") for i in range(8)]
+    _wait(lambda: engine.started == 1 and _queued(url) == 8)  # one turn running, seven waiting
     for sock in sockets:
         sock.close()
-    time.sleep(2.0)  # long enough for the running reply to end, and the next to start, had they not been cancelled
-    assert engine.started <= 2, engine.started  # the queued ones never ran
-    assert engine.finished == 0  # the running one stopped mid-reply
+    _wait(lambda: _queued(url) == 1)  # the seven waiting requests were dropped; the running one is held
+    engine.gate.set()
+    _wait(lambda: _queued(url) == 0)  # the running turn ended: stopped, or (not cancelled) at its reply's end
+    assert engine.started == 1, engine.order  # the queued ones never ran
+    assert engine.finished == 0 and engine.tokens < LONG_REPLY_TOKENS // 2, engine.tokens  # stopped mid-reply
     assert store.list_sessions() == []  # and nothing of a cancelled turn was stored
-    health = httpx.get(url + "/health").json()
-    assert health["queue"] == 0
     ok = httpx.post(url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
     assert ok.status_code == 200  # the server serves on
 
 
 def test_a_dropped_stream_stops_generating_and_stores_nothing(slow: tuple[str, SlowEngine, SQLiteStore]) -> None:
     url, engine, store = slow
-    sock = _send_and_drop(url, "Tell me a long story about streams", stream=True)
-    sock.settimeout(10)
+    sock = _send_and_drop(url, f"Tell me a long story about streams{LONG}", stream=True)
+    sock.settimeout(30)
     assert b"data:" in sock.recv(4096)
     sock.close()
-    tokens = engine.tokens
-    time.sleep(1.5)
-    assert engine.tokens - tokens <= 3 and engine.finished == 0
+    _wait(lambda: _queued(url) == 0)  # the turn ended: stopped, or (not cancelled) at its reply's end
+    assert engine.finished == 0 and engine.tokens < LONG_REPLY_TOKENS // 2, engine.tokens  # it stopped early
     assert store.list_sessions() == []
 
 
@@ -109,7 +127,7 @@ def test_one_user_cannot_starve_another_and_429_says_when_to_retry(tmp_path: Pat
     (tmp_path / "keys").chmod(0o600)
     ring = KeyRing.from_file(tmp_path / "keys")
     engine = SlowEngine()
-    engine.delay = 0.05  # a job takes most of a second: alice's seven requests are all there at once
+    engine.gate = threading.Event()  # alice's first job holds the model until every request is in
     settings = ServerSettings(keys=ring, workers=1, max_queue=16, max_queue_per_user=5)
     app = create_app(engine, store=SQLiteStore(tmp_path / "s.sqlite3"), settings=settings)
     done: dict[str, float] = {}
@@ -132,10 +150,12 @@ def test_one_user_cannot_starve_another_and_429_says_when_to_retry(tmp_path: Pat
         flood = [threading.Thread(target=ask, args=("alice-key-0123456789", f"alice {i}")) for i in range(7)]
         for thread in flood:
             thread.start()
-            time.sleep(0.01)
-        _wait(lambda: len(engine.order) >= 1)
+        # Alice's first job runs (held), four more of hers wait, and the two over her share were refused at once.
+        _wait(lambda: len(engine.order) == 1 and app.state.queue.pending == 5 and statuses.count(429) == 2)
         bob = threading.Thread(target=ask, args=("bob-key-01234567890", "bob 0"))
         bob.start()
+        _wait(lambda: app.state.queue.pending == 6)  # bob's request waits behind alice's four
+        engine.gate.set()
         for thread in [*flood, bob]:
             thread.join()
     assert statuses.count(429) == 2  # alice may hold 5 requests; her 6th and 7th were refused
