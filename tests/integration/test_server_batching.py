@@ -37,16 +37,33 @@ def test_concurrent_requests_are_batched_and_equal_to_one_at_a_time(engine: Any,
     greedy = {"max_tokens": 16 + 0, "temperature": 0}
     with running_server(app) as url, httpx.Client(base_url=url, timeout=120) as http:
         alone = [http.post("/v1/chat/completions", json=_body(i, **greedy)).json() for i in range(6)]
-        stats = app.state.service.engine().stats
+        batching = app.state.service.engine()
+        stats = batching.stats
         assert stats.peak_batch <= 1  # one at a time: nothing to batch
         together: list[Any] = [None] * 6
+        submitted: list[Any] = []  # the rows the batching engine was given
+        submit = batching._submit
+
+        def counted(*args: Any) -> Any:
+            row = submit(*args)
+            submitted.append(row)
+            return row
+
+        batching._submit = counted
 
         def ask(i: int) -> None:
             together[i] = http.post("/v1/chat/completions", json=_body(i, **greedy)).json()
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
-        for thread in threads:
-            thread.start()
+        # The model's lock (taken by every forward step) is held until all six rows are in the batching engine:
+        # on a slow machine the first request could otherwise finish before the last one arrives.
+        with engine._lock:
+            for thread in threads:
+                thread.start()
+            deadline = time.monotonic() + 60
+            while len(submitted) < 6:
+                assert time.monotonic() < deadline, f"only {len(submitted)} of the six requests reached the model"
+                time.sleep(0.02)
         for thread in threads:
             thread.join()
         # A sampled request shares the batch too, and a streamed one that is dropped leaves it.
@@ -74,8 +91,10 @@ def test_the_batching_engine_cancels_a_closed_stream(engine: Any) -> None:
     short = batching.generate("<|Human|>: hi<eoh>\n<|MOSS|>:", params.with_(max_new_tokens=5))
     assert short.completion_tokens == 5
     long_one.close()
-    time.sleep(0.3)
-    after = batching.stats.steps
+    # Every forward step runs under the model's lock, and a step leaves out the rows cancelled before it began; so
+    # once the lock is ours, a step that had the closed stream's row is over, and no later one can have it.
+    with engine._lock:
+        after = batching.stats.steps
     time.sleep(0.3)
     assert batching.stats.steps == after  # the closed stream's row left the batch: nothing runs any more
     assert after - steps < 400
@@ -88,20 +107,31 @@ def test_other_engines_run_one_at_a_time_and_remote_ones_side_by_side() -> None:
     from moss_agent.testing.scripted_rules import RuleBasedEngine
 
     class Counting(RuleBasedEngine):
-        running = peak = 0
+        meet = 1  # calls that wait (a while) for each other inside the engine before answering
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.running = self.peak = 0
+            self.count = threading.Condition()
 
         def stream(self, prompt: str, params: SamplingParams) -> Any:
-            type(self).running += 1
-            type(self).peak = max(type(self).peak, type(self).running)
+            with self.count:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+                self.count.notify_all()
+                # Side by side, the three calls meet here, so that a thread started late (a busy machine) cannot
+                # make them look one at a time; one at a time, the first waits out the timeout alone.
+                self.count.wait_for(lambda: self.peak >= self.meet, timeout=10)
             try:
                 for delta in super().stream(prompt, params):
                     time.sleep(0.01)
                     yield delta
             finally:
-                type(self).running -= 1
+                with self.count:
+                    self.running -= 1
 
     class RemoteEngine(Counting):  # stands for moss_agent.engines.remote.RemoteEngine (a server that batches)
-        running = peak = 0
+        meet = 3
 
     for engine, expected in ((Counting(), 1), (RemoteEngine(), 3)):
         batching = BatchingEngine(engine)
@@ -111,4 +141,4 @@ def test_other_engines_run_one_at_a_time_and_remote_ones_side_by_side() -> None:
             thread.start()
         for thread in threads:
             thread.join()
-        assert type(engine).peak == expected, type(engine).__name__
+        assert engine.peak == expected, type(engine).__name__
