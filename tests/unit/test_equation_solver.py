@@ -103,7 +103,7 @@ def test_solution_lines_number_several_solutions_by_variable() -> None:
 
 
 def test_a_job_past_its_limit_is_cut_off_and_the_next_call_is_quick() -> None:
-    worker = MathWorker()
+    worker = MathWorker(startup_timeout=120)  # three sympy imports at once: slow on a loaded machine
     try:
         assert worker.wait_ready()  # the worker and its hot spare
         started = time.monotonic()
