@@ -216,17 +216,27 @@ class SlowTool(BaseTool):
     delay: float = 0.4
     log: Any = None
     """A list the calls go into (``Any``: pydantic would copy a list field)."""
+    together: Any = None
+    """A ``threading.Barrier`` each call waits at: the calls return only if that many of them run at once."""
+    gate: Any = None
+    """A ``threading.Event`` each call waits for (at most 20 s) before returning."""
 
     def _run(self, query: str) -> str:
         start = time.perf_counter()
         time.sleep(self.delay)
+        if self.together is not None:
+            self.together.wait()  # BrokenBarrierError (the tool fails) if the calls do not overlap
+        if self.gate is not None:
+            self.gate.wait(20)
         self.log.append((f"{self.name}({query})", start, time.perf_counter()))
         return f"{self.name} answer {query}"
 
 
-def slow_tools(log: list[Any], delay: float = 0.4) -> list[BaseTool]:
+def slow_tools(
+    log: list[Any], delay: float = 0.4, together: threading.Barrier | None = None, gate: threading.Event | None = None
+) -> list[BaseTool]:
     return [
-        SlowTool(name=name, description=f"{name} stand-in", delay=delay, log=log)
+        SlowTool(name=name, description=f"{name} stand-in", delay=delay, log=log, together=together, gate=gate)
         for name in ("Text2Image", "Solve", "Calculate", "Search")
     ]
 
@@ -234,18 +244,20 @@ def slow_tools(log: list[Any], delay: float = 0.4) -> list[BaseTool]:
 def test_at_most_four_commands_run_concurrently_in_release_order() -> None:
     log: list[tuple[str, float, float]] = []
     commands = 'Text2Image("t"), Solve("s"), Calculate("c1"), Search("q1"), Calculate("c2"), Search("q2")'
-    agent, engine = agent_with([f" Many.<eot>\n<|Commands|>: {commands}<eoc>", " Done.<eom>"], slow_tools(log))
-    started = time.perf_counter()
+    # The four calls meet at a barrier: they finish only if all four run at once (one after the other, the first
+    # waits there in vain and fails), which a wall-clock bound on a loaded machine could not show reliably.
+    together = threading.Barrier(4, timeout=20)
+    tools = slow_tools(log, delay=0.0, together=together)
+    agent, engine = agent_with([f" Many.<eot>\n<|Commands|>: {commands}<eoc>", " Done.<eom>"], tools)
     result = agent.run_turn("do everything")
-    elapsed = time.perf_counter() - started
 
     ran = [r for r in result.runs if r.ran]
     assert [r.text for r in ran] == ['Search("q1")', 'Search("q2")', 'Calculate("c1")', 'Calculate("c2")']
     assert sorted(name for name, _, _ in log) == sorted(["Search(q1)", "Search(q2)", "Calculate(c1)", "Calculate(c2)"])
     assert [r.text for r in result.runs if not r.ran] == ['Solve("s")', 'Text2Image("t")']
-    # Concurrent: all four overlap, so the turn takes about one delay, not four.
+    # Concurrent: all four overlap (all passed the barrier, none broke it).
     assert max(start for _, start, _ in log) < min(end for _, _, end in log)
-    assert elapsed < 3 * 0.4  # one after the other would take 4 * 0.4
+    assert not together.broken and together.n_waiting == 0
     assert engine.prompts[1].endswith(
         "<|Results|>:\n"
         "Search(\"q1\") =>\n<|1|>: 'Search answer q1'\n"
@@ -461,7 +473,9 @@ async def test_ainvoke_and_astream(calculator: BaseTool) -> None:
 
 
 async def test_ainvoke_leaves_the_event_loop_free() -> None:
-    agent, _ = agent_with([' <eot>\n<|Commands|>: Calculate("1")<eoc>', " y<eom>"], slow_tools([], delay=0.3))
+    ticked = threading.Event()  # the tool returns once the loop has ticked 5 times (or after 20 s in vain)
+    tools = slow_tools([], delay=0.0, gate=ticked)
+    agent, _ = agent_with([' <eot>\n<|Commands|>: Calculate("1")<eoc>', " y<eom>"], tools)
     ticks = 0
 
     async def ticker() -> None:
@@ -469,11 +483,13 @@ async def test_ainvoke_leaves_the_event_loop_free() -> None:
         while True:
             await asyncio.sleep(0.01)
             ticks += 1
+            if ticks >= 5:
+                ticked.set()
 
     task = asyncio.create_task(ticker())
     result = await agent.ainvoke("x")
     task.cancel()
-    assert result["output"] == "y" and ticks >= 5  # the loop ran while the tool slept in a worker thread
+    assert result["output"] == "y" and ticks >= 5  # the loop ran while the tool waited in a worker thread
 
 
 class Recorder(BaseCallbackHandler):
