@@ -55,13 +55,15 @@ class Server:
 
     reply: Callable[[str, Any], tuple[int, Any]]
     delay: float = 0.0
+    """Seconds each answer is held back (cut short when the test ends)."""
     requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
+    release: threading.Event = field(default_factory=threading.Event)
 
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Server]]:
-    started: list[ThreadingHTTPServer] = []
+    started: list[tuple[ThreadingHTTPServer, Server]] = []
 
     def start(reply: Callable[[str, Any], tuple[int, Any]], delay: float = 0.0) -> Server:
         spec = Server(reply, delay)
@@ -71,7 +73,7 @@ def serve() -> Iterator[Callable[..., Server]]:
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
                 body = json.loads(raw)
                 spec.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                time.sleep(spec.delay)
+                spec.release.wait(spec.delay)
                 status, payload = spec.reply(self.path, body)
                 data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
                 try:
@@ -90,12 +92,13 @@ def serve() -> Iterator[Callable[..., Server]]:
         httpd.daemon_threads = True
         httpd.block_on_close = False
         threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        started.append(httpd)
+        started.append((httpd, spec))
         spec.url = f"http://127.0.0.1:{httpd.server_address[1]}"
         return spec
 
     yield start
-    for httpd in started:
+    for httpd, spec in started:
+        spec.release.set()
         httpd.shutdown()
         httpd.server_close()
 
@@ -175,11 +178,13 @@ def test_tavily_errors_become_no_result_with_a_warning(
 
 
 def test_tavily_timeout_is_no_result(serve: Callable[..., Server]) -> None:
-    server = serve(lambda path, body: (200, {"results": tavily_results(3)}), delay=1.5)
+    # The answer is held for 60 s: the 0.3 s client timeout, not the answer, must end the call (a margin of
+    # seconds, not tenths, for a loaded machine).
+    server = serve(lambda path, body: (200, {"results": tavily_results(3)}), delay=60)
     tool = SearchTool(backend=TavilyBackend("tvly-test", base_url=server.url, timeout=0.3))
     start = time.monotonic()
     assert call(tool, "slow").content == NO_RESULT
-    assert time.monotonic() - start < 1.2
+    assert time.monotonic() - start < 10
 
 
 # ---------------------------------------------------------------- MOSS WebSearchTool API
@@ -211,7 +216,7 @@ def test_server_errors_down_and_timeouts_are_no_result(
     serve: Callable[..., Server], dead_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     failing = serve(lambda path, body: (500, {"error": "boom"}))
-    slow = serve(lambda path, body: (200, {"0": {"summ": "late"}}), delay=1.5)
+    slow = serve(lambda path, body: (200, {"0": {"summ": "late"}}), delay=60)  # held until the test ends
     backends = [
         MossWebSearchBackend(failing.url),
         MossWebSearchBackend(dead_url),
@@ -223,7 +228,7 @@ def test_server_errors_down_and_timeouts_are_no_result(
         for backend in backends:
             message = call(SearchTool(backend=backend), "q")
             assert (message.content, message.artifact) == (NO_RESULT, [])
-    assert time.monotonic() - start < 3
+    assert time.monotonic() - start < 15  # the slow server holds its answer for 60 s
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == len(backends)
 
 
@@ -296,7 +301,7 @@ def test_a_hanging_backend_cannot_hang_the_agent() -> None:
 
     class Stuck:
         def search(self, query: str, k: int) -> list[SearchHit]:
-            release.wait(10)
+            release.wait(60)
             return [SearchHit("t", "u", "late")]
 
     start = time.monotonic()
@@ -304,7 +309,7 @@ def test_a_hanging_backend_cannot_hang_the_agent() -> None:
         assert call(SearchTool(backend=Stuck(), timeout=0.2), "q").content == NO_RESULT
     finally:
         release.set()
-    assert time.monotonic() - start < 1
+    assert time.monotonic() - start < 10  # the tool's 0.2 s, not the backend's 60 s
 
 
 # ---------------------------------------------------------------- local BM25 index
