@@ -230,7 +230,8 @@ class CTranslate2Engine:
         """Tokens in ``text``."""
         return len(self.token_ids(text))
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``, end tokens included (no clean-up: deltas concatenate to the whole)."""
         return str(self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
     # ------------------------------------------------------------ requests
@@ -304,7 +305,7 @@ class CTranslate2Engine:
         return [out[i] for i in range(len(rows))]
 
     def _batch(self, rows: list[list[int]], params: SamplingParams, stops: dict[int, str]) -> list[Generation]:
-        texts = [TextTracker(self._decode, params.stop) for _ in rows]
+        texts = [TextTracker(self.decode, params.stop) for _ in rows]
         done = [False] * len(rows)
 
         def step(result: Any) -> bool:
@@ -346,7 +347,7 @@ class CTranslate2Engine:
 
         worker = threading.Thread(target=work, name="ctranslate2-stream", daemon=True)
         worker.start()
-        return self._deltas(ids, tokens, halt, worker, TextTracker(self._decode, params.stop), stops)
+        return self._deltas(ids, tokens, halt, worker, TextTracker(self.decode, params.stop), stops)
 
     def _deltas(
         self,

@@ -32,12 +32,23 @@ class TransformersEngine:
     :meth:`generate` holds the model until it is done; a stream paused between deltas lets other calls run,
     which then prefill from scratch.
 
+    It is :class:`~moss_agent.engines.batch_steps.StepBatchable`: the server's continuous batching drives its
+    model step by step through the attributes below and :meth:`prepare`, :meth:`decode` and
+    :meth:`shared_cache`, holding :attr:`lock` around every model call.
+
     Args:
         model: A causal LM taking ``input_ids``, ``position_ids``, ``attention_mask`` and a cache.
         tokenizer: Its tokenizer (the MOSS byte-level BPE with the end tokens as added tokens).
         model_name: Name for response metadata; by default the model's ``name_or_path``.
         context_window: Prompt plus generated tokens; by default the model's ``n_positions`` (2048 for MOSS).
         prefix_cache: Keep and reuse the KV cache of the last generation.
+
+    Attributes:
+        runner: The model behind forward steps, and the kept prefix cache.
+        lock: Held around every model call (one at a time).
+        eos_ids: End-of-sequence token ids (``stop_reason`` ``"eos"``).
+        pad_id: The token id that fills (masked) left padding in a batch.
+        vocab_limit: Token ids at or past this are never picked (embedding rows beyond the tokenizer).
     """
 
     def __init__(
@@ -58,13 +69,13 @@ class TransformersEngine:
         self.model_name: str = model_name or getattr(config, "name_or_path", "") or "moss"
         self.context_window: int = context_window or positions or 2048
         self.prefix_cache = prefix_cache
-        self._runner = ModelRunner(model)
-        self._lock = threading.Lock()
+        self.runner = ModelRunner(model)
+        self.lock = threading.Lock()
         self._stop_ids: dict[str, int] = {}
         eos = (config.eos_token_id, getattr(tokenizer, "eos_token_id", None))
-        self._eos_ids = {i for e in eos for i in (e if isinstance(e, list) else [e]) if i is not None}
-        self._pad_id = next(i for i in (tokenizer.pad_token_id, *sorted(self._eos_ids), 0) if i is not None)
-        self._vocab_limit = len(tokenizer)  # embedding rows past the tokenizer (padding) are never picked
+        self.eos_ids = frozenset(i for e in eos for i in (e if isinstance(e, list) else [e]) if i is not None)
+        self.pad_id: int = next(i for i in (tokenizer.pad_token_id, *sorted(self.eos_ids), 0) if i is not None)
+        self.vocab_limit: int = len(tokenizer)
 
     @classmethod
     def from_pretrained(
@@ -107,14 +118,20 @@ class TransformersEngine:
 
     def reset_cache(self) -> None:
         """Drop the kept KV cache (frees its memory; the next prompt is prefilled in full)."""
-        with self._lock:
-            self._runner.reset()
+        with self.lock:
+            self.runner.reset()
 
-    def _decode(self, ids: list[int]) -> str:
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``, end tokens included (no clean-up: deltas concatenate to the whole)."""
         return str(self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False))
 
-    def _prepare(self, prompt: str, params: SamplingParams) -> tuple[list[int], dict[int, str]]:
-        """The prompt's ids fitted to the context window, and the stop token ids (id -> token)."""
+    def prepare(self, prompt: str, params: SamplingParams) -> tuple[list[int], dict[int, str]]:
+        """The prompt's ids fitted to the context window, and the stop token ids (id -> token).
+
+        Raises:
+            ContextWindowExceededError: As :meth:`generate`.
+            ValueError: As :meth:`generate`.
+        """
         stop_ids = stop_token_ids(params.stop_tokens, self.token_ids, self._stop_ids)
         return fit_context(self.token_ids(prompt), params, self.context_window), stop_ids
 
@@ -128,14 +145,14 @@ class TransformersEngine:
         """
         import torch
 
-        ids, stop_ids = self._prepare(prompt, params)
-        runner = self._runner
+        ids, stop_ids = self.prepare(prompt, params)
+        runner = self.runner
         room = len(ids) + min(params.max_new_tokens, self.context_window - len(ids))
         cache, reused = runner.checkout(ids, room) if self.prefix_cache else (runner.new_cache(room), 0)
         fed = ids[:reused]  # what the cache holds
         consistent = True  # False while a forward pass may have half-updated the cache
         todo, generated = ids[reused:], []
-        text = TextTracker(self._decode, params.stop)
+        text = TextTracker(self.decode, params.stop)
         reason = "length"
         try:
             device = runner.device
@@ -147,10 +164,10 @@ class TransformersEngine:
                 logits = runner.forward(torch.tensor([todo], device=device), positions, cache)
                 fed.extend(todo)
                 consistent = True
-                token = int(next_tokens(logits, seen, params, generator, self._vocab_limit)[0])
+                token = int(next_tokens(logits, seen, params, generator, self.vocab_limit)[0])
                 generated.append(token)
                 seen[0, token] = True
-                if token in stop_ids or token in self._eos_ids:
+                if token in stop_ids or token in self.eos_ids:
                     reason = stop_ids.get(token, "eos")
                     break
                 text.push(token)
@@ -181,7 +198,7 @@ class TransformersEngine:
         """
         import torch
 
-        with self._lock, torch.inference_mode():
+        with self.lock, torch.inference_mode():
             *_, last = self._run(prompt, params, [True])
         assert last.generation is not None, "the decode loop ends with the Generation"
         return last.generation
@@ -198,7 +215,7 @@ class TransformersEngine:
         steps = self._run(prompt, params, keep)
         try:
             while True:
-                with self._lock, torch.inference_mode():
+                with self.lock, torch.inference_mode():
                     delta = next(steps, None)
                 if delta is None:
                     return
@@ -206,11 +223,11 @@ class TransformersEngine:
         finally:
             # An abandoned stream hands its cache back under the lock. Never wait for the lock here: a
             # garbage-collected stream may be finalised in a thread that holds it; drop the cache instead.
-            if self._lock.acquire(blocking=False):
+            if self.lock.acquire(blocking=False):
                 try:
                     steps.close()
                 finally:
-                    self._lock.release()
+                    self.lock.release()
             else:
                 keep[0] = False
                 steps.close()
@@ -229,22 +246,22 @@ class TransformersEngine:
         """
         import torch
 
-        prepared = [self._prepare(p, params) for p in prompts]
+        prepared = [self.prepare(p, params) for p in prompts]
         if not prepared:
             return []
         stop_ids, rows = prepared[0][1], [ids for ids, _ in prepared]
-        runner, n = self._runner, len(rows)
+        runner, n = self.runner, len(rows)
         # Every row keeps at least one suffix token: its last prompt token gives the first new token's logits.
         shared = min(min(common_prefix(rows[0], r) for r in rows), min(len(r) for r in rows) - 1)
-        texts = [TextTracker(self._decode, params.stop) for _ in rows]
+        texts = [TextTracker(self.decode, params.stop) for _ in rows]
         generated: list[list[int]] = [[] for _ in rows]
         reasons: list[str | None] = [None] * n
-        with self._lock, torch.inference_mode():
+        with self.lock, torch.inference_mode():
             device = runner.device
             suffixes = [r[shared:] for r in rows]
             width = max(len(s) for s in suffixes)
-            cache, reused = self._shared_cache(rows[0][: shared + 1], n, shared + width + params.max_new_tokens)
-            ids = torch.tensor([[self._pad_id] * (width - len(s)) + s for s in suffixes], device=device)
+            cache, reused = self.shared_cache(rows[0][: shared + 1], n, shared + width + params.max_new_tokens)
+            ids = torch.tensor([[self.pad_id] * (width - len(s)) + s for s in suffixes], device=device)
             tail = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
             mask = torch.cat([tail.new_ones(n, shared), tail], dim=-1)
             # Rotary positions count from each row's first real token, as when the row runs alone.
@@ -254,11 +271,11 @@ class TransformersEngine:
             active = list(range(n))  # the rows still generating, in batch order
             while True:
                 logits = runner.forward(ids, positions, cache, mask)
-                tokens = next_tokens(logits, seen, params, generator, self._vocab_limit).tolist()
+                tokens = next_tokens(logits, seen, params, generator, self.vocab_limit).tolist()
                 for b, (r, token) in enumerate(zip(active, tokens, strict=True)):
                     generated[r].append(token)
                     seen[b, token] = True
-                    if token in stop_ids or token in self._eos_ids:
+                    if token in stop_ids or token in self.eos_ids:
                         reasons[r] = stop_ids.get(token, "eos")
                         continue
                     texts[r].push(token)
@@ -284,16 +301,23 @@ class TransformersEngine:
             out.append(Generation(text.text, reason, len(rows[r]), len(generated[r]), cached, tuple(generated[r])))
         return out
 
-    def _shared_cache(self, head: list[int], n: int, room: int) -> tuple[Any, int]:
+    def shared_cache(self, head: list[int], n: int, room: int) -> tuple[Any, int]:
         """A cache holding ``head[:-1]`` (the rows' shared prefix) for ``n`` rows; the caller holds the lock.
 
-        Each row has room for ``room`` tokens. The prefix is prefilled once, after what the kept cache holds
-        of it, and kept (batch 1) for later prompts. Returns the cache and how many prefix tokens came from the
-        kept cache.
+        The prefix is prefilled once, after what the kept cache holds of it, and kept (batch 1) for later
+        prompts. Used by :meth:`generate_batch` and by the server's continuous batching.
+
+        Args:
+            head: The shared prefix plus one token (the first row's next); only ``head[:-1]`` is prefilled.
+            n: Rows in the batch.
+            room: Tokens each row's cache has room for (prompt and output).
+
+        Returns:
+            The cache, and how many prefix tokens came from the kept cache.
         """
         import torch
 
-        runner, prefix = self._runner, head[:-1]
+        runner, prefix = self.runner, head[:-1]
         if not prefix:
             return runner.new_cache(room), 0
         cache, reused = runner.checkout(head, len(prefix)) if self.prefix_cache else (runner.new_cache(room), 0)

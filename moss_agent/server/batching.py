@@ -12,16 +12,16 @@ engine; the call becomes a row of the batch that one batching thread runs step b
 * A row leaves when it stops or when its caller goes away (a closed stream: a cancelled request), so a
   client that disconnects stops costing compute after at most one step.
 
-Only :class:`~moss_agent.engines.transformers.TransformersEngine` is batched (the loop uses its model runner
-and prefix cache); a :class:`~moss_agent.engines.remote.RemoteEngine` gets concurrent calls side by side (its
-server batches them); any other engine runs one generation at a time behind a lock. Under greedy decoding a
-batched row gives the tokens it gives alone (masked padding contributes nothing).
+Only a :class:`~moss_agent.engines.batch_steps.StepBatchable` engine is batched, such as
+:class:`~moss_agent.engines.transformers.TransformersEngine`: the loop drives its model runner and prefix cache
+through that protocol's public members only. A :class:`~moss_agent.engines.remote.RemoteEngine` gets concurrent
+calls side by side (its server batches them); any other engine runs one generation at a time behind a lock.
+Under greedy decoding a batched row gives the tokens it gives alone (masked padding contributes nothing).
 """
 
 from __future__ import annotations
 
 import collections
-import inspect
 import logging
 import queue
 import threading
@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from moss_agent.engines.base import Delta, Generation, SamplingParams
+from moss_agent.engines.batch_steps import StepBatchable
 from moss_agent.engines.decoding import TextTracker, common_prefix, make_generator, next_tokens
 
 __all__ = ["BatchingEngine"]
@@ -86,7 +87,8 @@ class BatchingEngine:
     """An engine whose concurrent calls run as one continuously batched generation.
 
     Args:
-        engine: The engine to wrap (batched when it is a TransformersEngine, else one call at a time).
+        engine: The engine to wrap (batched when it is :class:`~moss_agent.engines.batch_steps.StepBatchable`,
+            as a TransformersEngine is; else one call at a time).
         max_batch: Most rows in one forward step; further calls wait for a row to leave.
     """
 
@@ -95,10 +97,10 @@ class BatchingEngine:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.engine = engine
         self.max_batch = max_batch
-        self.batched = all(hasattr(engine, a) for a in ("_runner", "_prepare", "_shared_cache", "_lock", "_decode"))
+        self._steps: StepBatchable | None = engine if isinstance(engine, StepBatchable) else None
+        self.batched = self._steps is not None
         # A remote server (vLLM ...) batches concurrent requests itself: they go to it side by side.
         self.parallel = type(engine).__name__ == "RemoteEngine"
-        self._room = self.batched and "room" in inspect.signature(engine._shared_cache).parameters
         self.stats = BatchStats()
         self._tokenizer = threading.RLock()  # a fast tokenizer must not be entered by two threads at once
         self._serial = threading.Lock()
@@ -168,14 +170,20 @@ class BatchingEngine:
 
     # ------------------------------------------------------------------ the callers' side
 
+    @property
+    def _model(self) -> StepBatchable:
+        """The wrapped engine, as the batching thread drives it."""
+        assert self._steps is not None, "only a StepBatchable engine is batched"
+        return self._steps
+
     def _submit(self, prompt: str, params: SamplingParams) -> _Row:
-        engine = self.engine
+        engine = self._model
         with self._tokenizer:
-            ids, stop_ids = engine._prepare(prompt, params)  # raises for a prompt that does not fit
+            ids, stop_ids = engine.prepare(prompt, params)  # raises for a prompt that does not fit
 
         def decode(tokens: list[int]) -> str:
             with self._tokenizer:
-                return str(engine._decode(tokens))
+                return engine.decode(tokens)
 
         limit = min(params.max_new_tokens, self.context_window - len(ids))
         row = _Row(ids, stop_ids, params, TextTracker(decode, params.stop), limit)
@@ -226,7 +234,7 @@ class BatchingEngine:
                 admit, self._waiting = self._waiting[:room], self._waiting[room:]
             admit = [r for r in admit if not r.cancelled.is_set()]
             try:
-                with self.engine._lock, torch.inference_mode():
+                with self._model.lock, torch.inference_mode():
                     if admit:
                         self.stats.prefills += 1
                         active, state = self._merge(active, state, *self._prefill(admit))
@@ -244,19 +252,17 @@ class BatchingEngine:
         """Run the new rows' prompts (shared prefix once) and pick their first tokens."""
         import torch
 
-        engine, runner, n = self.engine, self.engine._runner, len(rows)
+        engine = self._model
+        runner, n = engine.runner, len(rows)
         seqs = [r.ids for r in rows]
         shared = min(min(common_prefix(seqs[0], s) for s in seqs), min(len(s) for s in seqs) - 1)
-        head = seqs[0][: shared + 1]
-        if self._room:  # the engine preallocates cache buffers: room for the longest row's prompt and output
-            room = shared + max(len(s) - shared + r.limit for s, r in zip(seqs, rows, strict=True))
-            cache, reused = engine._shared_cache(head, n, room)
-        else:
-            cache, reused = engine._shared_cache(head, n)
+        # The engine preallocates cache buffers: room for the longest row's prompt and output.
+        room = shared + max(len(s) - shared + r.limit for s, r in zip(seqs, rows, strict=True))
+        cache, reused = engine.shared_cache(seqs[0][: shared + 1], n, room)
         suffixes = [s[shared:] for s in seqs]
         width = max(len(s) for s in suffixes)
         device = runner.device
-        ids = torch.tensor([[engine._pad_id] * (width - len(s)) + s for s in suffixes], device=device)
+        ids = torch.tensor([[engine.pad_id] * (width - len(s)) + s for s in suffixes], device=device)
         tail = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in suffixes], device=device)
         mask = torch.cat([tail.new_ones(n, shared), tail], dim=-1)
         positions = shared + (tail.cumsum(-1) - 1).clamp(min=0)
@@ -274,11 +280,12 @@ class BatchingEngine:
         import torch
 
         cache, mask, seen = state
-        device = self.engine._runner.device
+        runner = self._model.runner
+        device = runner.device
         ids = torch.tensor([[r.pending] for r in rows], device=device)
         positions = torch.tensor([[r.position] for r in rows], device=device)
         mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=-1)
-        logits = self.engine._runner.forward(ids, positions, cache, mask)
+        logits = runner.forward(ids, positions, cache, mask)
         self.stats.steps += 1
         self.stats.row_steps += len(rows)
         self.stats.peak_batch = max(self.stats.peak_batch, len(rows))
@@ -295,7 +302,7 @@ class BatchingEngine:
         for b, row in enumerate(rows):
             groups.setdefault(row.key(), []).append(b)
         tokens = [0] * len(rows)
-        limit = self.engine._vocab_limit
+        limit = self._model.vocab_limit
         for members in groups.values():
             index = torch.tensor(members, device=logits.device)
             first = rows[members[0]]
@@ -306,7 +313,7 @@ class BatchingEngine:
 
     def _accept(self, rows: list[_Row], tokens: list[int], seen: Any) -> None:
         """Record each row's new token: finish the row, or send its text and keep the token to feed."""
-        eos = self.engine._eos_ids
+        eos = self._model.eos_ids
         for b, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.generated.append(token)
             seen[b, token] = True

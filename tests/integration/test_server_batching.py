@@ -84,6 +84,7 @@ def test_the_batching_engine_cancels_a_closed_stream(engine: Any) -> None:
     from moss_agent.server.batching import BatchingEngine
 
     batching = BatchingEngine(engine, max_batch=4)
+    assert batching.batched  # a TransformersEngine is StepBatchable
     params = SamplingParams(max_new_tokens=400, do_sample=False, stop_tokens=())
     long_one = batching.stream("<|Human|>: a long answer<eoh>\n<|MOSS|>:", params)
     next(long_one)
@@ -103,6 +104,7 @@ def test_the_batching_engine_cancels_a_closed_stream(engine: Any) -> None:
 
 def test_other_engines_run_one_at_a_time_and_remote_ones_side_by_side() -> None:
     from moss_agent.engines.base import SamplingParams
+    from moss_agent.engines.batch_steps import StepBatchable
     from moss_agent.server.batching import BatchingEngine
     from moss_agent.testing.scripted_rules import RuleBasedEngine
 
@@ -135,6 +137,7 @@ def test_other_engines_run_one_at_a_time_and_remote_ones_side_by_side() -> None:
 
     for engine, expected in ((Counting(), 1), (RemoteEngine(), 3)):
         batching = BatchingEngine(engine)
+        assert not isinstance(engine, StepBatchable) and not batching.batched
         prompt = "<|Human|>: Hello there<eoh>\n<|MOSS|>:"
         threads = [threading.Thread(target=batching.generate, args=(prompt, SamplingParams())) for _ in range(3)]
         for thread in threads:

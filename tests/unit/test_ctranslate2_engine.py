@@ -83,13 +83,13 @@ def test_static_prompt_changes_nothing_but_speed(converted: Path, engine: CTrans
 
 def test_end_tokens_stop_with_their_names(engine: CTranslate2Engine) -> None:
     free = engine.generate(PROMPT, GREEDY)
-    token = engine._decode([free.token_ids[2]])
+    token = engine.decode([free.token_ids[2]])
     stop_id = free.token_ids[2]
     # Any single token can serve as an end token; the third generated one ends the generation there.
     engine._stop_ids[token] = stop_id
     got = engine.generate(PROMPT, GREEDY.with_(stop_tokens=(token,)))
     assert got.stop_reason == token and got.token_ids == free.token_ids[:3]
-    assert got.text == engine._decode(list(free.token_ids[:2]))
+    assert got.text == engine.decode(list(free.token_ids[:2]))
 
 
 def test_stop_strings_cut_and_stream_never_shows_them(engine: CTranslate2Engine) -> None:

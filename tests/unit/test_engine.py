@@ -21,6 +21,7 @@ from moss_agent.engines.base import (  # noqa: E402
     SamplingParams,
     fit_context,
 )
+from moss_agent.engines.batch_steps import StepBatchable  # noqa: E402
 from moss_agent.engines.decoding import TextTracker, common_prefix, next_tokens  # noqa: E402
 from moss_agent.engines.transformers import TransformersEngine  # noqa: E402
 from moss_agent.protocol import format as fmt  # noqa: E402
@@ -248,7 +249,7 @@ def test_abandoned_or_paused_streams_do_not_block(engine: TransformersEngine) ->
     # for the lock: it drops its cache instead.
     stream = engine.stream(PROMPT, GREEDY)
     next(stream)
-    with engine._lock:
+    with engine.lock:
         stream.close()
     assert engine.generate(PROMPT, GREEDY).cached_tokens == 0
 
@@ -347,6 +348,19 @@ def test_batch_equals_one_by_one(quiet: Any, loaded: Any, fresh: TransformersEng
     assert engine.generate_batch([], params) == []
 
 
+def test_the_engine_offers_the_step_batching_api(engine: TransformersEngine, loaded: Any) -> None:
+    assert isinstance(engine, StepBatchable) and isinstance(engine, Engine)
+    ids, stop_ids = engine.prepare(PROMPT, GREEDY.with_(stop_tokens=("<eom>",)))
+    assert ids == engine.token_ids(PROMPT) and list(stop_ids.values()) == ["<eom>"]
+    assert engine.decode(engine.token_ids("The capital of France?")) == "The capital of France?"
+    assert engine.vocab_limit == len(loaded.tokenizer)
+    assert engine.pad_id in {loaded.tokenizer.pad_token_id, *engine.eos_ids, 0}
+    with engine.lock, torch.inference_mode():
+        cache, reused = engine.shared_cache(ids, 3, len(ids) + 8)  # the prefix ids[:-1], repeated for 3 rows
+    assert reused == 0 and engine.runner.cached_ids == ids[:-1]
+    assert cache.get_seq_length() == len(ids) - 1
+
+
 def test_batch_prefills_the_shared_prefix_once(engine: TransformersEngine, fresh: TransformersEngine) -> None:
     system = fmt.system_prompt()
     asked = ["What is the capital of France?", "Hi", "Tell me a long story about a cat and a dog, please.", "Hi"]
@@ -356,10 +370,10 @@ def test_batch_prefills_the_shared_prefix_once(engine: TransformersEngine, fresh
     shared = min(common_prefix(engine.token_ids(prompts[0]), engine.token_ids(p)) for p in prompts)
     assert shared > 100  # the system prompt and the Human tag
     calls: list[int] = []
-    forward = engine._runner.forward
-    engine._runner.forward = lambda ids, *a: calls.append(ids.numel()) or forward(ids, *a)  # type: ignore[method-assign]
+    forward = engine.runner.forward
+    engine.runner.forward = lambda ids, *a: calls.append(ids.numel()) or forward(ids, *a)  # type: ignore[method-assign]
     engine.generate(system[:200], params)  # the kept cache now holds part of the shared prefix
-    kept = engine._runner.cached_ids
+    kept = engine.runner.cached_ids
     calls.clear()
     got = engine.generate_batch(prompts, params)
     assert [(g.text, g.token_ids, g.stop_reason, g.prompt_tokens) for g in got] == [
@@ -370,12 +384,12 @@ def test_batch_prefills_the_shared_prefix_once(engine: TransformersEngine, fresh
     assert [g.cached_tokens for g in got] == [reused] + [shared] * 3
     longest = max(engine.count_tokens(p) for p in prompts) - shared
     assert calls[:2] == [shared - reused, len(prompts) * longest]  # the prefix once, then the padded suffixes
-    assert engine._runner.cached_ids == engine.token_ids(prompts[0])[:shared]  # kept for the next prompt
+    assert engine.runner.cached_ids == engine.token_ids(prompts[0])[:shared]  # kept for the next prompt
     after = engine.generate(prompts[1], params)
     assert after.cached_tokens == shared and after.token_ids == want[1].token_ids
     no_cache = fresh.generate_batch(prompts, params)  # prefix_cache=False: the prefix is prefilled, not kept
     assert [g.token_ids for g in no_cache] == [g.token_ids for g in want]
-    assert [g.cached_tokens for g in no_cache] == [0] + [shared] * 3 and fresh._runner.cached_ids == []
+    assert [g.cached_tokens for g in no_cache] == [0] + [shared] * 3 and fresh.runner.cached_ids == []
 
 
 # ---------------------------------------------------------------- context window
