@@ -57,7 +57,7 @@ def test_concurrent_requests_are_batched_and_equal_to_one_at_a_time(engine: Any,
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
         # The model's lock (taken by every forward step) is held until all six rows are in the batching engine:
         # on a slow machine the first request could otherwise finish before the last one arrives.
-        with engine._lock:
+        with engine.lock:
             for thread in threads:
                 thread.start()
             deadline = time.monotonic() + 60
@@ -94,7 +94,7 @@ def test_the_batching_engine_cancels_a_closed_stream(engine: Any) -> None:
     long_one.close()
     # Every forward step runs under the model's lock, and a step leaves out the rows cancelled before it began; so
     # once the lock is ours, a step that had the closed stream's row is over, and no later one can have it.
-    with engine._lock:
+    with engine.lock:
         after = batching.stats.steps
     time.sleep(0.3)
     assert batching.stats.steps == after  # the closed stream's row left the batch: nothing runs any more
