@@ -31,7 +31,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from moss_agent.checkpoints.tokenization import WHITESPACE_RUNS
+from moss_agent.checkpoints.files import WHITESPACE_RUNS
 from moss_agent.protocol.data import read_conversation
 from moss_agent.testing.checkpoints import tiny_moss_tokenizer_dir
 

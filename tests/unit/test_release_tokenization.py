@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from moss_agent.checkpoints.files import WHITESPACE_RUNS
 from moss_agent.checkpoints.tokenization import (
-    WHITESPACE_RUNS,
     AddedTokenRules,
     MossTokenizerFast,
     load_moss_tokenizer,
