@@ -243,7 +243,7 @@ def write_moss_tokenizer(
         out: The checkpoint directory.
         vocab: BPE token -> id, ids from 0 without gaps.
         merges: The BPE merges, ``"a b"`` each.
-        added: Added tokens (the MOSS end tokens first).
+        added: Added tokens, in id order (the release's: CodeGen's whitespace runs, then the end tokens).
         name: ``name_or_path`` written into ``tokenizer_config.json``.
         n_positions: ``model_max_length``.
     """
