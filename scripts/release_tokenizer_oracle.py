@@ -31,7 +31,6 @@ from array import array
 from pathlib import Path
 from typing import Any
 
-from moss_agent.checkpoints.tokenization import WHITESPACE_RUNS
 from moss_agent.protocol.data import read_conversation
 from moss_agent.testing.checkpoints import tiny_moss_tokenizer_dir
 
@@ -124,14 +123,8 @@ def ensure_venv(venv: Path) -> Path:
 
 
 def released_files(out: Path) -> dict[str, str]:
-    """The project's tiny BPE in the released structure: whitespace runs, then the end tokens."""
+    """The project's tiny tokenizer files, in the released structure: whitespace runs, then the end tokens."""
     tiny_moss_tokenizer_dir(out)
-    added = json.loads((out / "added_tokens.json").read_text(encoding="utf-8"))
-    if not set(WHITESPACE_RUNS) <= set(added):  # the release's files carry CodeGen's 38 runs
-        vocab = json.loads((out / "vocab.json").read_text(encoding="utf-8"))
-        tokens = [*WHITESPACE_RUNS, *sorted(added, key=added.__getitem__)]
-        added = {token: len(vocab) + i for i, token in enumerate(tokens)}
-        (out / "added_tokens.json").write_text(json.dumps(added, indent=2), encoding="utf-8")
     return {name: (out / name).read_text(encoding="utf-8") for name in TOKENIZER_FILES}
 
 

@@ -30,6 +30,7 @@ from moss_agent.settings import CONTEXT_WINDOW
 __all__ = [
     "ENDOFTEXT",
     "WEIGHT_FILES",
+    "WHITESPACE_RUNS",
     "ShardWriter",
     "check_files",
     "gptq_bits",
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 ENDOFTEXT = "<|endoftext|>"
+WHITESPACE_RUNS: tuple[str, ...] = tuple(" " * n for n in range(31, 1, -1)) + tuple("\t" * n for n in range(9, 1, -1))
+"""CodeGen's 38 added whitespace-run tokens (31 down to 2 spaces, 9 down to 2 tabs), in id order; the MOSS
+release lists them in ``added_tokens.json`` right after ``<|endoftext|>``, before the end tokens."""
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 WeightsFormat = Literal["bin", "safetensors"]
 RELEASE_CONFIG_FILE = Path(__file__).with_name("release_config.json")
@@ -239,7 +243,7 @@ def write_moss_tokenizer(
         out: The checkpoint directory.
         vocab: BPE token -> id, ids from 0 without gaps.
         merges: The BPE merges, ``"a b"`` each.
-        added: Added tokens (the MOSS end tokens first).
+        added: Added tokens, in id order (the release's: CodeGen's whitespace runs, then the end tokens).
         name: ``name_or_path`` written into ``tokenizer_config.json``.
         n_positions: ``model_max_length``.
     """

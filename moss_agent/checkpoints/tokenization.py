@@ -31,7 +31,6 @@ from transformers import GPT2TokenizerFast  # type: ignore[attr-defined]
 
 __all__ = [
     "TOKENIZATIONS",
-    "WHITESPACE_RUNS",
     "AddedTokenRules",
     "MossTokenizerFast",
     "Tokenization",
@@ -41,10 +40,6 @@ __all__ = [
 Tokenization = Literal["release", "plain"]
 TOKENIZATIONS: tuple[str, ...] = ("release", "plain")
 """``release``: the release's ids (the default); ``plain``: the fast tokenizer's plain BPE around added tokens."""
-
-WHITESPACE_RUNS: tuple[str, ...] = tuple(" " * n for n in range(31, 1, -1)) + tuple("\t" * n for n in range(9, 1, -1))
-"""CodeGen's 38 added whitespace-run tokens (31 down to 2 spaces, 9 down to 2 tabs), in id order; the MOSS
-release lists them in ``added_tokens.json`` right after ``<|endoftext|>``, before the end tokens."""
 
 _SPECIAL_ATTRIBUTES = (
     "bos_token",

@@ -9,7 +9,9 @@ the MOSS tokenizer files (``vocab.json``, ``merges.txt``, ``added_tokens.json``,
 
 The tokenizer is a byte-level BPE of about a thousand tokens, trained here with the ``tokenizers`` library on
 a fixed seeded corpus of MOSS-format text; ``<|endoftext|>`` is the last entry of ``vocab.json`` (bos, as in
-the release) and the end tokens ``<eoh> <eot> <eoc> <eor> <eom>`` are added special tokens (``<eom>`` is eos).
+the release) and the 43 added tokens follow it as in the release's ``added_tokens.json``: CodeGen's 38
+whitespace runs (31 down to 2 spaces, 9 down to 2 tabs), then the end tokens ``<eoh> <eot> <eoc> <eor> <eom>``
+(``<eom>`` is eos).
 Weights are random and seeded: the same arguments give bit-identical tensors.
 
 Built checkpoints are cached under ``$MOSS_AGENT_CACHE`` (default ``~/.cache/moss-agent``), keyed by the
@@ -31,6 +33,7 @@ from typing import Any
 
 from moss_agent.checkpoints.files import (
     ENDOFTEXT,
+    WHITESPACE_RUNS,
     WeightsFormat,
     moss_config,
     write_json,
@@ -50,11 +53,11 @@ __all__ = [
     "tiny_moss_tokenizer_dir",
 ]
 
-CHECKPOINT_VERSION = "4"
+CHECKPOINT_VERSION = "5"
 """Bumped whenever the layout or the corpus changes, so that stale cached checkpoints are not reused."""
 
-MOSS_ADDED_TOKENS: tuple[str, ...] = fmt.END_TOKENS
-"""The added special tokens of the MOSS tokenizer, in id order."""
+MOSS_ADDED_TOKENS: tuple[str, ...] = (*WHITESPACE_RUNS, *fmt.END_TOKENS)
+"""The added tokens of the MOSS tokenizer, in id order after ``<|endoftext|>``: the release's structure."""
 
 TOKENIZER_FILES = (
     "vocab.json",

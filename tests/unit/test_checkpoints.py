@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from moss_agent.checkpoints.files import WHITESPACE_RUNS
 from moss_agent.protocol import format as fmt
 from moss_agent.testing import checkpoints as ck
 
@@ -106,11 +107,13 @@ def test_tokenizer_files_name_moss_tokenizer_and_load_fast(tiny: Path) -> None:
     assert tok_config["tokenizer_class"] == "MossTokenizer" and tok_config["add_bos_token"] is False
     config = json.loads((tiny / "config.json").read_text())
     added = json.loads((tiny / "added_tokens.json").read_text())
-    assert list(added) == list(fmt.END_TOKENS)
+    assert list(added) == [*WHITESPACE_RUNS, *fmt.END_TOKENS]  # the release's structure: runs, then end tokens
+    bos = config["bos_token_id"]
+    assert list(added.values()) == list(range(bos + 1, bos + 1 + len(added)))  # right after <|endoftext|>
 
     tok = GPT2TokenizerFast.from_pretrained(tiny)
-    assert 900 < len(tok) <= config["vocab_size"]
-    for token in (*fmt.END_TOKENS, ck.ENDOFTEXT):
+    assert 900 < len(tok) <= config["vocab_size"] and max(added.values()) == len(tok) - 1
+    for token in (*WHITESPACE_RUNS, *fmt.END_TOKENS, ck.ENDOFTEXT):
         ids = tok.encode(token)
         assert ids == [tok.convert_tokens_to_ids(token)], token
     assert tok.eos_token == fmt.EOM and tok.eos_token_id == config["eos_token_id"] == added[fmt.EOM]

@@ -21,6 +21,7 @@ from moss_agent.checkpoints.convert import (
     split_qkv,
     verify_conversion,
 )
+from moss_agent.checkpoints.files import WHITESPACE_RUNS
 from moss_agent.checkpoints.hardware import Hardware
 from moss_agent.checkpoints.loading import load_moss, load_tokenizer
 from moss_agent.cli.convert import add_convert_parser
@@ -204,8 +205,10 @@ def test_conversion_streams_with_private_memory_well_under_the_checkpoint(tmp_pa
 
 @lru_cache(maxsize=1)
 def _reference_bpe(path: str) -> Any:
-    """GPT-2's byte-level BPE as the slow MossTokenizer ran it: added tokens split first, the whitespace next to
-    them stripped, then regex + merges (the tiny checkpoint's added tokens are the end tokens, no whitespace runs)."""
+    """GPT-2's byte-level BPE as the slow MossTokenizer (transformers 4.25.1) ran it: the text cut at the added
+    tokens (leftmost, longest), then left to right every added token strips the whitespace on both sides (the tiny
+    checkpoint's, as the release's, are all plain strings: CodeGen's whitespace runs and the end tokens), so a run
+    that its neighbour strips away is gone and strips nothing itself; then regex + merges on every other piece."""
     import regex
 
     vocab = json.loads((Path(path) / "vocab.json").read_text(encoding="utf-8"))
@@ -239,10 +242,16 @@ def _reference_bpe(path: str) -> Any:
 
     def encode(text: str) -> list[int]:
         ids: list[int] = []
-        pieces = splitter.split(text)  # text, token, text, ..., text
-        for i in range(1, len(pieces), 2):  # every token here is a plain string: it strips both sides
-            pieces[i - 1], pieces[i + 1] = pieces[i - 1].rstrip(), pieces[i + 1].lstrip()
+        pieces = [piece for piece in splitter.split(text) if piece]  # the release's cuts: no empty pieces
+        for i, piece in enumerate(pieces):  # the current value: an emptied run is no token any more
+            if piece in special:
+                if i + 1 < len(pieces):
+                    pieces[i + 1] = pieces[i + 1].lstrip()
+                if i > 0:
+                    pieces[i - 1] = pieces[i - 1].rstrip()
         for piece in pieces:
+            if not piece:
+                continue
             if piece in added:
                 ids.append(added[piece])
             elif piece in vocab and piece in special:
@@ -271,6 +280,10 @@ SAMPLES = [
     ).to_text(),
     "<eoh><eot><eoc><eor><eom><|endoftext|>  two  spaces\t\ttabs\n\n\nnewlines 😀 émigré ×÷ 中文 123456789 it's we'll",
     " leading space, trailing space ",
+    # whitespace runs: the newline before an indentation goes, a run right after an end token goes, and so does
+    # the rest of a long run after its first 31 spaces or 9 tabs
+    "def f(x):\n    return x\n\n\tif x:\n\t\tpass\n<eom>\n",
+    "x" + " " * 35 + "y <eom>  z\tw" + "\t" * 12 + "v",
 ]
 
 
@@ -284,9 +297,13 @@ def test_tokenizer_json_gives_the_release_ids(source: Path, gptj: Path) -> None:
     plain, _ = load_tokenizer(source, tokenization="plain")
     raw = Tokenizer.from_file(str(gptj / "tokenizer.json"))  # plain BPE with the added tokens' lstrip / rstrip
     auto = AutoTokenizer.from_pretrained(gptj)
+    added = json.loads((source / "added_tokens.json").read_text(encoding="utf-8"))
+    assert set(WHITESPACE_RUNS) <= set(added)  # the release's 38 runs: their stripping is exercised here
     assert {t.content: (t.lstrip, t.rstrip) for t in raw.get_added_tokens_decoder().values()} == dict.fromkeys(
-        [*fmt.END_TOKENS, "<|endoftext|>"], (True, True)
+        [*added, "<|endoftext|>"], (True, True)
     )
+    runs = {added[run] for run in WHITESPACE_RUNS}
+    assert any(runs & set(reference(text)) for text in SAMPLES)
     for text in SAMPLES:
         want = reference(text)
         assert fast.encode(text, add_special_tokens=False) == want

@@ -106,8 +106,9 @@ def test_gptj_dir_loads(loaded: LoadedMoss, tmp_path: Path) -> None:
     import torch
     from transformers import GPTJConfig, GPTJForCausalLM
 
+    rows = loaded.model.config.vocab_size  # every id of the tokenizer saved beside it
     config = GPTJConfig(
-        vocab_size=1024, n_positions=2048, n_embd=64, n_layer=2, n_head=4, rotary_dim=16, bos_token_id=0
+        vocab_size=rows, n_positions=2048, n_embd=64, n_layer=2, n_head=4, rotary_dim=16, bos_token_id=0
     )
     torch.manual_seed(0)
     GPTJForCausalLM(config).save_pretrained(tmp_path / "gptj")

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 
+from moss_agent.checkpoints.files import WHITESPACE_RUNS
 from moss_agent.checkpoints.tokenization import (
-    WHITESPACE_RUNS,
     AddedTokenRules,
     MossTokenizerFast,
     load_moss_tokenizer,
@@ -158,6 +158,21 @@ def test_encode_call_batch_tokenize_and_offsets_agree(tok: MossTokenizerFast) ->
     pair = tok("<eoh> a", "b <eom> c", return_offsets_mapping=True)
     assert pair["input_ids"] == tok.encode("<eoh> a") + tok.encode("b <eom> c")
     assert pair["offset_mapping"][-1] == (8, 9)
+
+
+def test_tiny_checkpoints_carry_the_released_structure() -> None:
+    """The suite's tiny tokenizer (every tiny checkpoint's) has the added tokens of the files the release ran on."""
+    from moss_agent.testing.checkpoints import tiny_moss_tokenizer_dir
+
+    def layout(read: Any) -> tuple[Any, ...]:
+        vocab, added = json.loads(read("vocab.json")), json.loads(read("added_tokens.json"))
+        end = vocab["<|endoftext|>"]
+        assert end == len(vocab) - 1
+        after_end = [(token, i - end) for token, i in added.items()]
+        return after_end, json.loads(read("special_tokens_map.json")), json.loads(read("tokenizer_config.json"))
+
+    tiny = tiny_moss_tokenizer_dir()
+    assert layout(lambda name: (tiny / name).read_text(encoding="utf-8")) == layout(GOLDEN["tokenizer_files"].get)
 
 
 def test_rules_come_from_the_files(dirs: dict[str, Path]) -> None:
