@@ -61,10 +61,25 @@ class PageEngine(RuleBasedEngine):
             return " " + "word " * 200 + "<eom>"
         return text
 
+    @staticmethod
+    def pace(text: str) -> float:
+        """Seconds per token: slower for the two replies the test watches while they stream.
+
+        The drawing's reply (8 tokens) must be seen growing, in at least three renders, even when a busy machine
+        gives the page few frames; the slow reply (200 tokens, 20 s) must still be running when the test, at the
+        pace of its browser commands, clicks stop.
+        """
+        if "Image generated" in text:
+            return 0.15
+        if "word word" in text:
+            return 0.1
+        return 0.02
+
     def stream(self, prompt: str, params: Any) -> Iterator[Any]:
         """Token by token at a pace a page renders in several frames (the rules alone write in a few ms)."""
+        pace = self.pace(self.answer(prompt))
         for delta in super().stream(prompt, params):
-            time.sleep(0.02)
+            time.sleep(pace)
             yield delta
 
 
@@ -245,8 +260,14 @@ def test_desktop_page_renders_streams_and_every_control_works(
         "Browser.grantPermissions",
         {"origin": url, "permissions": ["clipboardReadWrite", "clipboardSanitizedWrite"]},
     )
+    # "Copied" shows for 1.5 s only: an observer set up before the click sees it, however slow the polling.
+    browser.execute_script(
+        "const button = document.querySelectorAll('.actions button.copy')[1]; window.copied = false;"
+        "new MutationObserver(() => { if (button.textContent === 'Copied') window.copied = true; })"
+        ".observe(button, {childList: true, characterData: true, subtree: true});"
+    )
     browser.find_elements(By.CSS_SELECTOR, ".actions button.copy")[1].click()
-    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".actions button.copy")[1].text == "Copied")
+    wait.until(lambda d: d.execute_script("return window.copied"))
     clip = browser.execute_async_script("navigator.clipboard.readText().then(arguments[0])")
     assert clip == MARKDOWN_REPLY[1:].removesuffix("<eom>")
     assert len(browser.find_elements(By.CSS_SELECTOR, ".actions button.regenerate")) == 1  # only the last turn
