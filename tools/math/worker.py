@@ -80,9 +80,20 @@ class _Process:
             self.ready = bool(message and message.get("ready"))
         return self.ready
 
-    def kill(self) -> None:
+    def kill(self, *, wait: bool = True) -> None:
+        """Kill the process and reap it; ``wait=False`` reaps it in the background.
+
+        A process that dies with a large heap can take a good part of a second to exit on a loaded machine: a
+        call past its time limit does not wait for that too (the kernel frees the memory either way).
+        """
         if self.proc.poll() is None:
             self.proc.kill()
+        if wait:
+            self._reap()
+        else:
+            threading.Thread(target=self._reap, daemon=True, name="moss-math-reaper").start()
+
+    def _reap(self) -> None:
         try:
             self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be refused
@@ -249,7 +260,7 @@ class MathWorker:
 
     def _discard(self, proc: _Process) -> None:
         """Kill a process that failed its job; the spare (if any) takes its place at once."""
-        proc.kill()
+        proc.kill(wait=False)
         with self._cond:
             self._busy -= 1
             self.start()
