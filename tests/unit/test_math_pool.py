@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -66,3 +68,34 @@ def test_the_limit_counts_from_submission_and_the_reason_is_kept(
     for thread in slow:
         thread.join()
     assert evaluate("6*3", worker=pool)["text"] == "18"  # the killed processes were replaced
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGSTOP"), reason="freezes the starting process with SIGSTOP (POSIX)")
+def test_calls_queued_behind_a_cold_start_do_not_pay_for_it() -> None:
+    """Right after start (a server's first requests), calls that wait for a process still importing sympy get
+    their whole limit once it is ready; before, they ran out of it and answered 'No result.' (all busy)."""
+    worker = MathWorker(processes=1, spare=False, startup_timeout=120)
+    try:
+        worker.start()
+        (cold,) = worker._idle
+        os.kill(cold.proc.pid, signal.SIGSTOP)  # a cold start of at least a second, on any machine
+        assert not cold.wait_ready(0.0)
+        results: dict[str, dict[str, object]] = {}
+
+        def ask(name: str, text: str, timeout: float) -> None:
+            results[name] = evaluate(text, timeout=timeout, worker=worker)
+
+        holder = threading.Thread(target=ask, args=("holder", "6*3", 0.2))
+        holder.start()
+        while worker._busy < 1:  # the holder took the cold process
+            time.sleep(0.001)
+        queued = threading.Thread(target=ask, args=("queued", "6*4", 0.2))
+        queued.start()
+        time.sleep(1.0)  # five times the queued call's limit
+        os.kill(cold.proc.pid, signal.SIGCONT)
+        holder.join()
+        queued.join()
+        assert results["holder"]["text"] == "18", results
+        assert results["queued"]["text"] == "24", results
+    finally:
+        worker.close()

@@ -111,7 +111,8 @@ class MathWorker:
 
     ``processes`` processes answer jobs side by side, so a trivial calculation does not queue behind slow
     solves. A job's time limit counts from the moment it is submitted: waiting for a free process uses it up,
-    so no call takes longer than its limit (plus a cold start, when no process has ever been ready). A job past
+    so no call takes longer than its limit plus a cold start: a process that is still importing sympy when it
+    gets a job does not use up that job's limit, nor the limits of the calls that wait meanwhile. A job past
     its limit is not waited for: its process is killed and replaced (by the hot spare when there is one, so
     the next call does not wait for sympy to import).
 
@@ -145,6 +146,7 @@ class MathWorker:
         self._cond = threading.Condition(threading.RLock())
         self._idle: list[_Process] = []  # started, not running a job (possibly still importing sympy)
         self._busy = 0
+        self._cold = 0  # busy processes still importing sympy: the calls waiting for a process don't pay for that
         self._spare: _Process | None = None
         self._next_id = 0
 
@@ -192,13 +194,13 @@ class MathWorker:
             WorkerError: The worker could not start or died.
             ValueError: The job itself failed (``MathInputError`` and the like); the message says why.
         """
-        deadline = time.monotonic() + timeout
-        proc: _Process | None = self._acquire(deadline, timeout)
+        proc: _Process | None
+        proc, deadline = self._acquire(time.monotonic() + timeout, timeout)
         try:
             assert proc is not None
             if not proc.ready:
                 # A cold start is not the call's fault: its time limit starts once a process is ready.
-                if not proc.wait_ready(self.startup_timeout):
+                if not self._warm(proc):
                     self._discard(proc)
                     proc = None
                     raise WorkerError(f"the math worker did not start within {self.startup_timeout:g} s")
@@ -230,8 +232,23 @@ class MathWorker:
             raise ValueError(reply.get("error") or "the job failed")
         return reply.get("result")
 
-    def _acquire(self, deadline: float, timeout: float) -> _Process:
-        """A free process, ready ones first; waits until ``deadline`` for one."""
+    def _warm(self, proc: _Process) -> bool:
+        """Wait for a taken process to get ready, counted in ``_cold`` meanwhile."""
+        with self._cond:
+            self._cold += 1
+        try:
+            return proc.wait_ready(self.startup_timeout)
+        finally:
+            with self._cond:
+                self._cold -= 1
+                self._cond.notify_all()
+
+    def _acquire(self, deadline: float, timeout: float) -> tuple[_Process, float]:
+        """A free process, ready ones first, and the call's deadline.
+
+        Waits until ``deadline`` for a process; time spent waiting while a taken process is still starting is
+        added to the deadline (a cold start is no call's fault).
+        """
         with self._cond:
             self.start()
             while True:
@@ -244,13 +261,17 @@ class MathWorker:
                     proc = ready[0] if ready else self._idle[0]
                     self._idle.remove(proc)
                     self._busy += 1
-                    return proc
-                left = deadline - time.monotonic()
-                if left <= 0:
+                    return proc, deadline
+                now = time.monotonic()
+                if self._cold:  # a process is starting: wait for it without using up the limit
+                    self._cond.wait()  # woken when it is ready (or failed), or when a process comes back
+                    deadline += time.monotonic() - now
+                    continue
+                if deadline <= now:
                     raise WorkerTimeout(
                         f"no result within the {timeout:g} s time limit: all {self.processes} math workers were busy"
                     )
-                self._cond.wait(left)
+                self._cond.wait(deadline - now)
 
     def _give_back(self, proc: _Process) -> None:
         with self._cond:
