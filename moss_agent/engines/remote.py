@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from moss_agent.engines.base import Delta, Generation, SamplingParams, StopCutter, fit_context
 from moss_agent.engines.wire import (
@@ -103,7 +103,13 @@ class RemoteEngine:
         backoff: First retry delay in seconds, doubled at each retry (a ``Retry-After`` header wins).
         max_concurrency: Requests in flight for :meth:`generate_batch`.
         eos_token: The served model's end-of-sequence token (``<eom>`` for converted MOSS checkpoints).
+
+    Attributes:
+        batches_concurrent_calls: True: the server batches concurrent requests itself, so callers (the
+            server's :class:`~moss_agent.server.batching.BatchingEngine`) send them side by side.
     """
+
+    batches_concurrent_calls: ClassVar[bool] = True
 
     def __init__(
         self,

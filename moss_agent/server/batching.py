@@ -100,7 +100,7 @@ class BatchingEngine:
         self._steps: StepBatchable | None = engine if isinstance(engine, StepBatchable) else None
         self.batched = self._steps is not None
         # A remote server (vLLM ...) batches concurrent requests itself: they go to it side by side.
-        self.parallel = type(engine).__name__ == "RemoteEngine"
+        self.parallel = getattr(engine, "batches_concurrent_calls", False) is True
         self.stats = BatchStats()
         self._tokenizer = threading.RLock()  # a fast tokenizer must not be entered by two threads at once
         self._serial = threading.Lock()

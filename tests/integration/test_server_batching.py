@@ -134,6 +134,11 @@ def test_other_engines_run_one_at_a_time_and_remote_ones_side_by_side() -> None:
 
     class RemoteEngine(Counting):  # stands for moss_agent.engines.remote.RemoteEngine (a server that batches)
         meet = 3
+        batches_concurrent_calls = True
+
+    from moss_agent.engines import remote
+
+    assert BatchingEngine(remote.RemoteEngine("http://127.0.0.1:9")).parallel  # the real one says so too
 
     for engine, expected in ((Counting(), 1), (RemoteEngine(), 3)):
         batching = BatchingEngine(engine)
