@@ -62,15 +62,11 @@ Server = tuple[str, QueueWatchingEngine, SQLiteStore]
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
     from moss_agent.tools import make_tools
-    from moss_agent.tools.math.worker import shared_worker
 
+    # The calculator's sympy processes start with the tool, in the background, and the clients' calculations come
+    # together: those that wait for a process still importing sympy (seconds on a busy machine) must not pay for
+    # that start out of their 1.5 s (they used to, and answered "No result.").
     tools = make_tools(["calculator"])
-    # The calculator's sympy processes start with the tool, in the background. The clients' calculations come
-    # together, and one that waits for a process still importing sympy (seconds on a busy machine) runs out of its
-    # 1.5 s and answers "No result.": let them get ready first, as a server that has been up a moment has.
-    deadline = time.monotonic() + 120
-    while not shared_worker().wait_ready():
-        assert time.monotonic() < deadline, "the calculator's worker processes did not start"
     engine = QueueWatchingEngine()
     store = SQLiteStore(tmp_path / "chats.sqlite3")
     app = create_app(engine, tools=tools, store=store, settings=ServerSettings(api_key="k"))
