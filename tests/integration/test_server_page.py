@@ -201,6 +201,7 @@ def test_desktop_page_renders_streams_and_every_control_works(
     from selenium.webdriver.common.keys import Keys
 
     url, store = server
+    earlier = {s.session_id for s in store.list_sessions()}  # the module's other tests share the server
     set_width(browser, 1280)
     wait = open_page(browser, url, type_key=True)
     assert browser.find_element(By.ID, "api-key").is_displayed()  # the server has a key: the page asks for it
@@ -235,7 +236,7 @@ def test_desktop_page_renders_streams_and_every_control_works(
     assert trace.get_attribute("open") is None  # folded under the reply
     live_trace = trace_text(browser)
     assert 'Text2Image("a red cat on a sofa")' in live_trace and "The user asks for" in live_trace
-    (conversation_id,) = [s.session_id for s in store.list_sessions()]
+    (conversation_id,) = [s.session_id for s in store.list_sessions() if s.session_id not in earlier]
 
     # A search turn: the reply's Markdown becomes elements, never HTML from the model; the citation links its source.
     box = browser.find_element(By.ID, "input")
