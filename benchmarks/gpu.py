@@ -18,13 +18,14 @@ why it skipped and exits 0; :func:`measure` also runs a tiny shape on the CPU fo
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from moss_agent.checkpoints.files import write_json
 
 __all__ = ["CARD_BANDWIDTH_GBS", "MOSS_16B", "bandwidth_gbs", "build_model", "main", "measure"]
 
@@ -265,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(table(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, report)
     return 0
 
 

@@ -8,7 +8,6 @@ the same figures with the machine and the settings.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -19,6 +18,7 @@ from typing import Any
 
 from benchmarks import comparisons, peers
 from benchmarks.harness import SETTINGS, Bench, Settings, build_bench
+from moss_agent.checkpoints.files import write_json
 
 TARGETS: dict[str, tuple[str, float]] = {
     "prefix_cache_speedup_1900": (">=", 4.0),
@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(summary(report))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, report)
     return 0
 
 

@@ -26,6 +26,8 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+from moss_agent.checkpoints.files import write_json
+
 __all__ = ["serve_concurrent", "soak"]
 
 CLIENTS = 8
@@ -279,7 +281,7 @@ def main() -> None:
         result["soak"] = soak(args.soak)
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(args.json, result)
 
 
 if __name__ == "__main__":

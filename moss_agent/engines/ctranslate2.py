@@ -99,7 +99,7 @@ def convert_ctranslate2(
         ConversionError: For a bad quantization, an existing ``dst`` or a source the CodeGen conversion refuses.
     """
     from moss_agent.checkpoints.convert import ConversionError, convert
-    from moss_agent.checkpoints.files import resolve_checkpoint
+    from moss_agent.checkpoints.files import resolve_checkpoint, write_json
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ConversionError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -121,7 +121,7 @@ def convert_ctranslate2(
             if (source / name).is_file():
                 shutil.copy2(source / name, out / name)
         manifest = {"source": str(src), "quantization": quantization, "n_positions": config.get("n_positions", 2048)}
-        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        write_json(out / MANIFEST, manifest)
         if target.exists():
             shutil.rmtree(target)
         shutil.move(str(out), target)

@@ -7,7 +7,6 @@ checkpointing, a seeded data order, checkpoints every ``save_steps`` under ``OUT
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -16,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moss_agent.checkpoints.files import write_json
 from moss_agent.finetune.batches import batch_order, collate, count_tokens, iter_batches
 from moss_agent.finetune.data import MalformedDataError, Problem, Sample, load_samples
 from moss_agent.finetune.plan import METHODS, check_options, load_for_training
@@ -328,5 +328,5 @@ def finetune(
         skipped=len(problems), problems=[str(p) for p in problems], seconds=round(seconds, 3),
     )  # fmt: skip
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(result.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(Path(json_path), result.to_dict())
     return result
