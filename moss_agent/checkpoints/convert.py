@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from moss_agent.checkpoints.files import ShardWriter, read_tensors, weight_files, write_json
 from moss_agent.checkpoints.gptq import PackedLinear, dequantized, packed_linears, quantization_config, select_outputs
 from moss_agent.protocol import format as fmt
-from moss_agent.settings import DTYPES, RELEASE_SAMPLING
+from moss_agent.settings import CONTEXT_WINDOW, DTYPES, RELEASE_SAMPLING
 
 if TYPE_CHECKING:
     import torch
@@ -272,7 +272,7 @@ def convert(
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        bos, eos, n_tokens = _write_tokenizer(source, tmp, int(config.get("n_positions", 2048)))
+        bos, eos, n_tokens = _write_tokenizer(source, tmp, int(config.get("n_positions", CONTEXT_WINDOW)))
         writer = ShardWriter(tmp, "safetensors", max_shard_size)
         written_dtype: torch.dtype | None = torch_dtype
         tensors: Iterator[tuple[str, Any]] = (item for file in files for item in read_tensors(file))

@@ -12,6 +12,7 @@ import argparse
 import sys
 from typing import Any
 
+from moss_agent import settings
 from moss_agent.cli import gib_list, model_name, positive_float
 
 __all__ = ["add_parser"]
@@ -99,7 +100,9 @@ def add_parser(sub: Any) -> None:
     group.add_argument("--epochs", type=positive_float, help="passes over the data (default 2, as the release)")
     p.add_argument("--lr", type=positive_float, help="peak learning rate (default 1e-3 LoRA, 9e-6 full)")
     p.add_argument("--batch-size", type=_positive_int, default=1, help="conversations per step")
-    p.add_argument("--max-length", type=_positive_int, default=2048, help="ids per conversation (cut at a turn)")
+    p.add_argument(
+        "--max-length", type=_positive_int, default=settings.CONTEXT_WINDOW, help="ids per conversation (cut at a turn)"
+    )
     p.add_argument("--precision", default="auto", type=precision, help="auto, fp32, bf16, fp16")
     p.add_argument("--eval", nargs="+", help="held-out conversations, evaluated before and after")
     p.add_argument("--loss", default="release", choices=LOSS_MODES, help="release spans, or MOSS's segments only")

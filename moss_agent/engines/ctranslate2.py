@@ -120,7 +120,8 @@ def convert_ctranslate2(
         for name in _TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, out / name)
-        manifest = {"source": str(src), "quantization": quantization, "n_positions": config.get("n_positions", 2048)}
+        positions = config.get("n_positions", CONTEXT_WINDOW)
+        manifest = {"source": str(src), "quantization": quantization, "n_positions": positions}
         write_json(out / MANIFEST, manifest)
         if target.exists():
             shutil.rmtree(target)
@@ -214,7 +215,7 @@ class CTranslate2Engine:
             tokenizer,
             vocabulary,
             model_name=model_name or folder.name,
-            context_window=int(manifest.get("n_positions", 2048)),
+            context_window=int(manifest.get("n_positions", CONTEXT_WINDOW)),
             static_prompt=prompt,
         )
 

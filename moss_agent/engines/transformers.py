@@ -12,6 +12,7 @@ from typing import Any
 from moss_agent.engines.base import Delta, Generation, SamplingParams, fit_context, stop_token_ids
 from moss_agent.engines.decoding import TextTracker, common_prefix, make_generator, next_tokens
 from moss_agent.engines.kv_cache import ModelRunner, reserve
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = ["TransformersEngine"]
 
@@ -67,7 +68,7 @@ class TransformersEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name: str = model_name or getattr(config, "name_or_path", "") or "moss"
-        self.context_window: int = context_window or positions or 2048
+        self.context_window: int = context_window or positions or CONTEXT_WINDOW
         self.prefix_cache = prefix_cache
         self.runner = ModelRunner(model)
         self.lock = threading.Lock()

@@ -6,6 +6,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from moss_agent.settings import CONTEXT_WINDOW
+
 __all__ = ["TOKENIZER_FILES", "save_trained", "write_checkpoint"]
 
 TOKENIZER_FILES = (
@@ -34,7 +36,7 @@ def write_checkpoint(model: Any, base: Path, out: Path, dtype: str = "float16") 
     for name in TOKENIZER_FILES:
         if (base / name).is_file():
             shutil.copyfile(base / name, out / name)
-    n = int(config.get("n_positions") or 2048)
+    n = int(config.get("n_positions") or CONTEXT_WINDOW)
     mask = torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n)
     writer = ShardWriter(out, "bin", limit=SHARD_BYTES)
     target = getattr(torch, dtype)
