@@ -31,6 +31,7 @@ from array import array
 from pathlib import Path
 from typing import Any
 
+from moss_agent.checkpoints.files import TOKENIZER_FILES
 from moss_agent.protocol.data import read_conversation
 from moss_agent.testing.checkpoints import tiny_moss_tokenizer_dir
 
@@ -38,7 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "moss_data"
 RELEASE = ROOT.parent / "shared" / "moss_release" / "tokenization_moss.py"
 PINS = ("transformers==4.25.1", "tokenizers==0.13.3")
-TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
 NAME = "release_token_ids"
 
 # Runs inside the scratch venv: the release's tokenizer, used exactly as its scripts use it.

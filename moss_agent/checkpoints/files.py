@@ -29,6 +29,8 @@ from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = [
     "ENDOFTEXT",
+    "TOKENIZER_FILES",
+    "TOKENIZER_FILES_WITH_FAST",
     "WEIGHT_FILES",
     "WHITESPACE_RUNS",
     "ShardWriter",
@@ -50,6 +52,10 @@ ENDOFTEXT = "<|endoftext|>"
 WHITESPACE_RUNS: tuple[str, ...] = tuple(" " * n for n in range(31, 1, -1)) + tuple("\t" * n for n in range(9, 1, -1))
 """CodeGen's 38 added whitespace-run tokens (31 down to 2 spaces, 9 down to 2 tabs), in id order; the MOSS
 release lists them in ``added_tokens.json`` right after ``<|endoftext|>``, before the end tokens."""
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json")
+"""The tokenizer files of the released layout, as :func:`write_moss_tokenizer` writes them."""
+TOKENIZER_FILES_WITH_FAST = (*TOKENIZER_FILES, "tokenizer.json")
+"""What a checkpoint's tokenizer may have: the released files and a fast ``tokenizer.json`` (copied as found)."""
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 WeightsFormat = Literal["bin", "safetensors"]
 RELEASE_CONFIG_FILE = Path(__file__).with_name("release_config.json")

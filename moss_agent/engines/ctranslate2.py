@@ -43,14 +43,6 @@ QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16
 MANIFEST = "moss_agent.json"
 """Written beside CTranslate2's files: the context window and the conversion settings."""
 
-_TOKENIZER_FILES = (
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-    "tokenizer.json",
-)
 _LIVE: weakref.WeakSet[CTranslate2Engine] = weakref.WeakSet()
 
 
@@ -99,7 +91,7 @@ def convert_ctranslate2(
         ConversionError: For a bad quantization, an existing ``dst`` or a source the CodeGen conversion refuses.
     """
     from moss_agent.checkpoints.convert import ConversionError, convert
-    from moss_agent.checkpoints.files import resolve_checkpoint, write_json
+    from moss_agent.checkpoints.files import TOKENIZER_FILES_WITH_FAST, resolve_checkpoint, write_json
 
     if quantization is not None and quantization not in QUANTIZATIONS:
         raise ConversionError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
@@ -117,7 +109,7 @@ def convert_ctranslate2(
         # The source's own tokenizer files: the engine then tokenises exactly as the transformers engine does
         # on the source (the release's added-token rules included); the ids are the same.
         source = resolve_checkpoint(src, weights=False)
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES_WITH_FAST:
             if (source / name).is_file():
                 shutil.copy2(source / name, out / name)
         positions = config.get("n_positions", CONTEXT_WINDOW)

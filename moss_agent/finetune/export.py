@@ -6,14 +6,11 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from moss_agent.checkpoints.files import TOKENIZER_FILES_WITH_FAST
 from moss_agent.settings import CONTEXT_WINDOW
 
-__all__ = ["TOKENIZER_FILES", "save_trained", "write_checkpoint"]
+__all__ = ["save_trained", "write_checkpoint"]
 
-TOKENIZER_FILES = (
-    "vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json",
-    "tokenizer.json",
-)  # fmt: skip
 SHARD_BYTES = 10 * 1000**3
 """About the shard size of the released fp16 checkpoints."""
 
@@ -33,7 +30,7 @@ def write_checkpoint(model: Any, base: Path, out: Path, dtype: str = "float16") 
     config = read_config(base)
     config["torch_dtype"] = dtype
     write_json(out / "config.json", config)
-    for name in TOKENIZER_FILES:
+    for name in TOKENIZER_FILES_WITH_FAST:
         if (base / name).is_file():
             shutil.copyfile(base / name, out / name)
     n = int(config.get("n_positions") or CONTEXT_WINDOW)

@@ -59,13 +59,6 @@ CHECKPOINT_VERSION = "5"
 MOSS_ADDED_TOKENS: tuple[str, ...] = (*WHITESPACE_RUNS, *fmt.END_TOKENS)
 """The added tokens of the MOSS tokenizer, in id order after ``<|endoftext|>``: the release's structure."""
 
-TOKENIZER_FILES = (
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "special_tokens_map.json",
-    "tokenizer_config.json",
-)
 N_POSITIONS = CONTEXT_WINDOW
 GROUPSIZE = 128
 

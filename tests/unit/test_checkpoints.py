@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moss_agent.checkpoints.files import WHITESPACE_RUNS
+from moss_agent.checkpoints.files import TOKENIZER_FILES, WHITESPACE_RUNS
 from moss_agent.protocol import format as fmt
 from moss_agent.testing import checkpoints as ck
 
@@ -127,7 +127,7 @@ def test_tokenizer_files_name_moss_tokenizer_and_load_fast(tiny: Path) -> None:
 
 def test_tokenizer_dir_alone() -> None:
     path = ck.tiny_moss_tokenizer_dir()
-    assert sorted(p.name for p in path.iterdir()) == sorted(ck.TOKENIZER_FILES)
+    assert sorted(p.name for p in path.iterdir()) == sorted(TOKENIZER_FILES)
 
 
 def test_same_seed_gives_bit_identical_weights(tmp_path: Path) -> None:
@@ -139,7 +139,7 @@ def test_same_seed_gives_bit_identical_weights(tmp_path: Path) -> None:
     assert set(a) == set(b) == set(c)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not torch.equal(a["lm_head.weight"], c["lm_head.weight"])
-    for name in ck.TOKENIZER_FILES:
+    for name in TOKENIZER_FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "c" / name).read_bytes()
 
 
