@@ -20,9 +20,10 @@ from typing import Any
 
 from benchmarks.comparisons import _hf_kwargs, _ms, _recorded, _same, converse, replies
 from benchmarks.harness import Bench, Case, RecordingEngine, hf_id_recorder, interleave, questions
-from moss_agent.checkpoints.files import TOKENIZER_FILES_WITH_FAST
+from moss_agent.checkpoints.files import TOKENIZER_FILES_WITH_FAST, write_json
 from moss_agent.engines.base import SamplingParams
 from moss_agent.engines.ctranslate2 import MANIFEST
+from moss_agent.settings import CONTEXT_WINDOW
 
 __all__ = ["realism", "vs_ctranslate2"]
 
@@ -51,7 +52,7 @@ def _ct2_models(bench: Bench, root: Path) -> dict[str, Path]:
         for name in TOKENIZER_FILES_WITH_FAST:  # the source's tokenizer, as convert_ctranslate2 copies it
             if (bench.path / name).is_file():
                 shutil.copy2(bench.path / name, target / name)
-        (target / MANIFEST).write_text(json.dumps({"n_positions": 2048}), encoding="utf-8")
+        write_json(target / MANIFEST, {"n_positions": CONTEXT_WINDOW})
         out[quantization or "fp32"] = target
     return out
 
